@@ -1,0 +1,1 @@
+"""modelserve's service layer: CLI, settings, engine and HTTP API."""

@@ -1,0 +1,71 @@
+"""The `modelserve` command line: build the demo models, serve, benchmark.
+
+Each subcommand imports its heavy modules lazily so `modelserve --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+log = logging.getLogger("modelserve")
+
+
+def _build(args: argparse.Namespace) -> int:
+    try:
+        from training.build import build_zoo
+    except ImportError:
+        log.error("the model factory (training/) is not built yet: `modelserve build` is unavailable")
+        return 2
+    build_zoo(preset=args.preset, out_dir=args.out, force=args.force)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        from service.api.server import serve
+    except ImportError:
+        log.error("the HTTP service (service/api) is not built yet: `modelserve serve` is unavailable")
+        return 2
+    return serve(args)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from bench.run import run_benchmarks
+
+    return run_benchmarks(names=args.only, tiny=args.tiny, out_dir=args.out, report=args.report)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="modelserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    build = sub.add_parser("build", help="train the demo models into artifacts/")
+    build.add_argument("--preset", choices=["tiny", "demo", "large"], default="demo")
+    build.add_argument("--out", default="artifacts")
+    build.add_argument("--force", action="store_true", help="rebuild artifacts that already exist")
+    build.set_defaults(func=_build)
+
+    serve = sub.add_parser("serve", help="serve models over the OpenAI-compatible HTTP API")
+    serve.add_argument("--config", help="settings file (JSON or .env)")
+    serve.add_argument("--model", action="append", default=[], metavar="NAME=DIR")
+    serve.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR")
+    serve.add_argument("--host", default=None)
+    serve.add_argument("--port", type=int, default=None)
+    serve.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
+    serve.set_defaults(func=_serve)
+
+    bench = sub.add_parser("bench", help="run the side-by-side benchmarks into reports/")
+    bench.add_argument("--only", action="append", default=None, help="benchmark name (repeatable)")
+    bench.add_argument("--tiny", action="store_true", help="smallest sizes: proves the benchmark runs")
+    bench.add_argument("--report", action="store_true", help="also write reports/CLAIMS.md")
+    bench.add_argument("--out", default="reports")
+    bench.set_defaults(func=_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    args = build_parser().parse_args(argv)
+    return args.func(args)
