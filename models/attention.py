@@ -46,9 +46,7 @@ class AttentionMetadata:
     valid_tokens: Tensor | None = None  # (B*T,) bool, False for padding
 
     @classmethod
-    def for_cache(
-        cls, cache: KVCache, slots: Tensor, context_lens: Tensor, query_lens: Tensor
-    ) -> AttentionMetadata:
+    def for_cache(cls, cache: KVCache, slots: Tensor, context_lens: Tensor, query_lens: Tensor) -> AttentionMetadata:
         return cls(cache=cache, slots=slots, context_lens=context_lens, query_lens=query_lens)
 
     def positions(self, batch: int, seq: int, device: torch.device) -> Tensor:
@@ -98,9 +96,7 @@ class AttentionMetadata:
             self.mask = (causal & in_window)[None, None].expand(batch, 1, seq, seq)
 
 
-def attend(
-    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, implementation: str
-) -> Tensor:
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, implementation: str) -> Tensor:
     """Softmax attention. q (B, H, T, D); k, v (B, KVH, L, D); mask (B, 1, T, L) or None for causal."""
     groups = q.shape[1] // k.shape[1]
     if groups > 1:

@@ -51,8 +51,13 @@ class GenerationDefaults:
         raw = json.loads(path.read_text()) if path.is_file() else {}
         eos = raw.get("eos_token_id", config.eos_token_id)
         eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-        return cls(eos_ids, raw.get("bos_token_id", config.bos_token_id), raw.get("temperature"),
-                   raw.get("top_p"), raw.get("top_k"))
+        return cls(
+            eos_ids,
+            raw.get("bos_token_id", config.bos_token_id),
+            raw.get("temperature"),
+            raw.get("top_p"),
+            raw.get("top_k"),
+        )
 
 
 def parse_dtype(name: str | torch.dtype | None, default: str = "float32") -> torch.dtype:

@@ -143,9 +143,7 @@ class ModelConfig:
         raw = dict(raw)
         model_type = raw.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ConfigError(
-                f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-            )
+            raise ConfigError(f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
         rope = raw.pop("rope_parameters", None) or {}
         rope_scaling = raw.pop("rope_scaling", None)
         for scaling in (rope_scaling, rope):

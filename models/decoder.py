@@ -50,9 +50,7 @@ class DecoderLayer(nn.Module):
             return x + self.dropout(self.mlp(h)), None, None
         out, routing, counts = self.block_sparse_moe(h)
         if meta is not None and meta.valid_tokens is not None:
-            counts = torch.bincount(
-                routing.expert_index[meta.valid_tokens].reshape(-1), minlength=counts.numel()
-            )
+            counts = torch.bincount(routing.expert_index[meta.valid_tokens].reshape(-1), minlength=counts.numel())
         return x + self.dropout(out), routing, counts
 
 
@@ -143,5 +141,7 @@ class CausalLM(nn.Module):
     def loss(self, input_ids: Tensor, labels: Tensor) -> tuple[Tensor, DecoderOutput]:
         """Next-token cross-entropy (labels already shifted; -100 ignored). input_ids, labels (B, T)."""
         out = self(input_ids)
-        ce = F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
+        ce = F.cross_entropy(
+            out.logits.reshape(-1, out.logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100
+        )
         return ce, out
