@@ -1,0 +1,172 @@
+"""The engine: one background thread that steps every served model, fed by thread-safe submissions.
+
+The HTTP layer calls `submit` (or the async `stream`) from the event loop; the loop thread admits,
+batches and decodes, and sends `TokenEvent`s back through each request's callback. The loop runs off
+the event loop so the API stays responsive; if it dies, `alive` turns False and every pending request
+ends with an error, so readiness can tell.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from service.engine.detokenizer import IncrementalDetokenizer
+from service.engine.runner import AdapterActivator
+from service.engine.sampler import RequestGenerator
+from service.engine.scheduler import SchedulerConfig
+from service.engine.sequence import Sequence
+from service.engine.types import (
+    FINISH_ERROR,
+    EngineUnavailableError,
+    GenerationRequest,
+    QueueFullError,
+    RequestTooLargeError,
+    StepStats,
+    TokenEvent,
+    UnknownModelError,
+)
+from service.engine.worker import ModelWorker, ServedModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    scheduler: SchedulerConfig = SchedulerConfig()
+    idle_wait_seconds: float = 0.05  # how long the loop sleeps when no model has work (woken by submissions)
+
+
+class Engine:
+    def __init__(self, config: EngineConfig | None = None, on_step: Callable[[StepStats], None] | None = None) -> None:
+        self.config = config or EngineConfig()
+        self.on_step = on_step
+        self.workers: dict[str, ModelWorker] = {}
+        self._lock = threading.Condition()
+        self._inbox: list[tuple[str, Sequence]] = []
+        self._by_id: dict[str, Sequence] = {}
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.accepting = True
+        self.error: BaseException | None = None
+
+    # ---- set-up ----
+    def add_model(self, served: ServedModel, activate_adapters: AdapterActivator | None = None) -> None:
+        self.workers[served.name] = ModelWorker(served, self.config.scheduler, activate_adapters)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="modelserve-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.error is None
+
+    # ---- requests ----
+    def validate(self, request: GenerationRequest) -> ModelWorker:
+        worker = self.workers.get(request.model)
+        if worker is None:
+            raise UnknownModelError(f"model {request.model!r} is not served")
+        limit = worker.served.max_model_len
+        if not request.prompt_ids:
+            raise RequestTooLargeError("the prompt is empty")
+        if len(request.prompt_ids) + request.params.max_tokens > limit:
+            raise RequestTooLargeError(
+                f"prompt ({len(request.prompt_ids)} tokens) + max_tokens ({request.params.max_tokens}) "
+                f"exceeds the model's context length max_model_len={limit}"
+            )
+        return worker
+
+    def submit(self, request: GenerationRequest, on_event: Callable[[TokenEvent], None]) -> Sequence:
+        """Queue a request (thread-safe). Raises EngineError subclasses for requests that cannot run."""
+        worker = self.validate(request)
+        if not self.accepting or not self.alive:
+            raise EngineUnavailableError("the engine is not accepting requests (draining, stopped or failed)")
+        params = request.params
+        seq = Sequence(
+            request=request,
+            on_event=on_event,
+            detokenizer=IncrementalDetokenizer(worker.served.tokenizer, params.stop),
+            generator=None if params.greedy else RequestGenerator(params.seed),
+        )
+        with self._lock:
+            waiting = len(worker.scheduler.waiting) + sum(1 for name, _ in self._inbox if name == request.model)
+            if waiting >= self.config.scheduler.max_waiting:
+                raise QueueFullError(
+                    f"model {request.model!r} has {waiting} requests waiting (max_waiting="
+                    f"{self.config.scheduler.max_waiting}); retry later"
+                )
+            self._inbox.append((request.model, seq))
+            self._by_id[request.request_id] = seq
+            self._lock.notify_all()
+        return seq
+
+    def cancel(self, request_id: str) -> None:
+        with self._lock:
+            seq = self._by_id.get(request_id)
+            if seq is not None:
+                seq.cancelled = True
+                self._lock.notify_all()
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        """Submit and yield events until the final one; leaving early (client gone) cancels the request."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        self.submit(request, lambda event: loop.call_soon_threadsafe(queue.put_nowait, event))
+        finished = False
+        try:
+            while not finished:
+                event = await queue.get()
+                finished = event.finish_reason is not None
+                yield event
+        finally:
+            if not finished:
+                self.cancel(request.request_id)
+
+    def num_unfinished(self) -> int:
+        with self._lock:
+            return len(self._by_id)
+
+    # ---- the loop ----
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    while not self._stopping and not self._inbox and not any(w.has_work for w in self.workers.values()):
+                        self._lock.wait(self.config.idle_wait_seconds)
+                    if self._stopping:
+                        return
+                    for name, seq in self._inbox:
+                        self.workers[name].scheduler.waiting.append(seq)
+                    self._inbox.clear()
+                for worker in self.workers.values():
+                    if worker.has_work:
+                        stats = worker.step()
+                        self._forget_finished(worker)
+                        if self.on_step is not None:
+                            self.on_step(stats)
+        except BaseException as exc:  # the loop must never die silently: readiness reads self.error
+            log.exception("engine loop died")
+            self.error = exc
+            with self._lock:
+                for name, seq in self._inbox:
+                    self.workers[name].scheduler.waiting.append(seq)
+                self._inbox.clear()
+            for worker in self.workers.values():
+                worker.fail_all(FINISH_ERROR, f"engine failure: {exc!r}")
+            self._by_id.clear()
+
+    def _forget_finished(self, worker: ModelWorker) -> None:
+        with self._lock:
+            for request_id in [rid for rid, seq in self._by_id.items() if seq.finished]:
+                del self._by_id[request_id]

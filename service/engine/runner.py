@@ -1,0 +1,79 @@
+"""Model runner: turns scheduled rows into forward passes over one model and its KV cache.
+
+Decode rows (one new token each) and prefill rows (prompt chunks) run as two forwards, so a long
+prompt chunk does not pad every decode row to its length. Rows are ordered by adapter, so each LoRA
+adapter's rows are one contiguous segment (see adapters/). Returns the last-position logits of the
+rows that sample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from models.attention import AttentionMetadata
+from models.decoder import CausalLM
+from models.kv_cache import KVCache
+from service.engine.scheduler import ScheduledRow
+
+# (adapter name of each row, tokens per row) -> context manager that activates those adapters.
+AdapterActivator = Callable[[list[str | None], int], AbstractContextManager]
+
+
+@dataclass
+class StepOutput:
+    logits: dict[int, Tensor]  # id(sequence) -> (V,) logits at its last fed position, rows that sample only
+    num_tokens: int
+    expert_tokens: Tensor | None  # (layers, E) summed over this step's forwards
+
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, cache: KVCache, activate_adapters: AdapterActivator | None = None) -> None:
+        self.model = model
+        self.cache = cache
+        self.device = model.device
+        self.activate_adapters = activate_adapters
+
+    @torch.inference_mode()
+    def run(self, rows: list[ScheduledRow]) -> StepOutput:
+        logits: dict[int, Tensor] = {}
+        expert_tokens: Tensor | None = None
+        decode = [r for r in rows if len(r.tokens) == 1]
+        prefill = [r for r in rows if len(r.tokens) > 1]
+        for group in (decode, prefill):
+            if not group:
+                continue
+            group.sort(key=lambda r: r.sequence.request.adapter or "")
+            out_logits, counts = self._forward(group)
+            for i, row in enumerate(group):
+                if row.needs_sample:
+                    logits[id(row.sequence)] = out_logits[i]
+            if counts is not None:
+                expert_tokens = counts if expert_tokens is None else expert_tokens + counts
+        return StepOutput(logits, sum(len(r.tokens) for r in rows), expert_tokens)
+
+    def _forward(self, rows: list[ScheduledRow]) -> tuple[Tensor, Tensor | None]:
+        longest = max(len(r.tokens) for r in rows)
+        tokens = torch.zeros(len(rows), longest, dtype=torch.long)  # (B, T) right-padded
+        for i, row in enumerate(rows):
+            tokens[i, : len(row.tokens)] = torch.tensor(row.tokens)
+        query_lens = torch.tensor([len(r.tokens) for r in rows])
+        meta = AttentionMetadata.for_cache(
+            self.cache,
+            slots=torch.tensor([r.sequence.slot for r in rows], device=self.device),
+            context_lens=torch.tensor([r.context_len for r in rows], device=self.device),
+            query_lens=query_lens.to(self.device),
+        )
+        adapters = [r.sequence.request.adapter for r in rows]
+        active = (
+            self.activate_adapters(adapters, longest)
+            if self.activate_adapters is not None and any(adapters)
+            else nullcontext()
+        )
+        with active:
+            out = self.model(tokens.to(self.device), meta=meta, logits_positions=(query_lens - 1).to(self.device))
+        return out.logits, out.expert_counts

@@ -1,0 +1,79 @@
+"""Engine-side state of one request while it waits, runs and finishes."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from service.engine.detokenizer import IncrementalDetokenizer
+from service.engine.sampler import RequestGenerator
+from service.engine.types import GenerationRequest, TokenEvent
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Sequence:
+    request: GenerationRequest
+    on_event: Callable[[TokenEvent], None]
+    detokenizer: IncrementalDetokenizer
+    generator: RequestGenerator | None
+    output_ids: list[int] = field(default_factory=list)
+    slot: int | None = None
+    num_computed: int = 0  # tokens whose keys/values are in the KV cache
+    first_scheduled: float | None = None
+    first_token: float | None = None
+    cancelled: bool = False  # set by any thread; acted on at the next step boundary
+    finished: bool = False
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.request.prompt_ids)
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.num_computed < self.prompt_len
+
+    def pending_tokens(self) -> list[int]:
+        """Tokens to feed next: the rest of the prompt, or the last sampled token."""
+        if self.in_prefill:
+            return self.request.prompt_ids[self.num_computed :]
+        return self.output_ids[self.num_computed - self.prompt_len :]
+
+    def total_len(self) -> int:
+        return self.prompt_len + len(self.output_ids)
+
+    def mark_scheduled(self) -> None:
+        if self.first_scheduled is None:
+            self.first_scheduled = time.monotonic()
+
+    def emit(self, token_ids: list[int], text: str, finish_reason: str | None = None, error: str | None = None) -> None:
+        now = time.monotonic()
+        if token_ids and self.first_token is None:
+            self.first_token = now
+        event = TokenEvent(
+            request_id=self.request_id,
+            token_ids=token_ids,
+            text=text,
+            finish_reason=finish_reason,
+            prompt_tokens=self.prompt_len,
+            completion_tokens=len(self.output_ids),
+            error=error,
+            token_times=[now] * len(token_ids),
+        )
+        if finish_reason is not None:
+            self.finished = True
+            arrival = self.request.arrival_time
+            event.queue_time = (self.first_scheduled or now) - arrival
+            event.time_to_first_token = None if self.first_token is None else self.first_token - arrival
+        try:
+            self.on_event(event)
+        except Exception:  # the receiver is gone (closed event loop, dropped client): stop generating for it
+            log.debug("event receiver of %s failed; cancelling", self.request_id, exc_info=True)
+            self.cancelled = True

@@ -1,0 +1,97 @@
+"""The small dataclasses that pass between the HTTP layer, the engine, the scheduler and the runner."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+FINISH_STOP, FINISH_LENGTH, FINISH_ABORT, FINISH_ERROR = "stop", "length", "abort", "error"
+
+
+class EngineError(Exception):
+    """Base of the errors a request can meet before it runs; `limit` names the limit broken."""
+
+    status = 400
+    kind = "invalid_request_error"
+
+
+class RequestTooLargeError(EngineError):
+    """The prompt (plus max_tokens) does not fit the model's context or the engine's limits."""
+
+
+class UnknownModelError(EngineError):
+    status = 404
+    kind = "not_found_error"
+
+
+class QueueFullError(EngineError):
+    """The model's waiting queue is full: refused at once so clients back off (HTTP 429)."""
+
+    status = 429
+    kind = "rate_limit_error"
+
+
+class EngineUnavailableError(EngineError):
+    """The engine is draining, stopped, or its loop died (HTTP 503)."""
+
+    status = 503
+    kind = "service_unavailable"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    seed: int | None = None  # a seeded request samples the same tokens whatever it is batched with
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0 or self.top_k == 1
+
+
+@dataclass
+class GenerationRequest:
+    request_id: str
+    model: str  # base model name
+    prompt_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    adapter: str | None = None  # LoRA adapter name bound to `model`, or None for the base
+    arrival_time: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class TokenEvent:
+    """One increment of a request's output; the last one carries finish_reason and the timings."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str  # new text since the previous event
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+    # Timings, seconds (monotonic clock): set on the final event.
+    queue_time: float | None = None  # arrival -> first scheduled
+    time_to_first_token: float | None = None  # arrival -> first token produced
+    token_times: list[float] = field(default_factory=list)  # when each new token was produced (this event)
+
+
+@dataclass
+class StepStats:
+    """What one engine step did, for the metrics exporter (plain data; exported in one place)."""
+
+    model: str
+    num_sequences: int  # rows in the batch
+    num_tokens: int  # tokens fed through the model this step (prefill chunks + decode tokens)
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # tokens held / token capacity of the KV cache, 0..1
+    step_seconds: float
+    adapters: list[str | None] = field(default_factory=list)  # adapter of each row
+    expert_tokens: list[list[int]] | None = None  # (layers, experts) tokens routed this step; MoE only
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
