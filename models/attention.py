@@ -101,13 +101,15 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, i
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, H, L, D)
+    t, length = q.shape[2], k.shape[2]
+    if mask is None and t != length:  # causal with a cached prefix: align the diagonal to the last key
+        mask = torch.ones(t, length, dtype=torch.bool, device=q.device).tril(length - t)
     if implementation == "sdpa":
-        causal = mask is None and q.shape[2] > 1
+        causal = mask is None and t > 1
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
     scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, T, L)
     if mask is None:
-        t, length = q.shape[2], k.shape[2]
-        mask = torch.ones(t, length, dtype=torch.bool, device=q.device).tril(length - t)
+        mask = torch.ones(t, length, dtype=torch.bool, device=q.device).tril()
     scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
     return probs @ v  # (B, H, T, D)

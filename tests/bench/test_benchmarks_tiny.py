@@ -1,0 +1,65 @@
+"""Each benchmark runs once at tiny size through `modelserve bench` and writes a complete report.
+
+No timing is asserted (DESIGN.md, Benchmarks): only that the reports exist, carry their fields, and
+that the MoE implementations compared agreed on the output.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.run import BENCHMARKS, run_benchmarks
+from service.cli import main
+
+MACHINE_FIELDS = {"platform", "cpu_count", "torch", "date"}
+ATTENTION_FIELDS = {"length", "eager_ms", "sdpa_ms", "speedup", "eager_peak_mib", "sdpa_peak_mib", "memory_ratio"}
+MOE_FIELDS = {"tokens", "ours_ms", "hf_grouped_mm_ms", "hf_eager_ms", "speedup_vs_hf_grouped_mm", "speedup_vs_hf_eager"}
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("reports")
+    argv = ["bench", "--tiny", "--out", str(out)]
+    for name in ("attention", "moe_dispatch"):
+        argv += ["--only", name]
+    assert main(argv) == 0
+    return out
+
+
+def load(reports: Path, name: str) -> dict:
+    for kind in ("json", "md", "png"):
+        assert (reports / f"{name}.{kind}").stat().st_size > 0, f"{name}.{kind} missing or empty"
+    payload = json.loads((reports / f"{name}.json").read_text())
+    assert payload["name"] == name
+    assert MACHINE_FIELDS <= set(payload["machine"])
+    assert payload["rows"]
+    return payload
+
+
+def test_attention_report(reports: Path) -> None:
+    payload = load(reports, "attention")
+    assert [row["length"] for row in payload["rows"]] == [64, 128]
+    for row in payload["rows"]:
+        assert ATTENTION_FIELDS <= set(row)
+        assert row["eager_peak_mib"] > 0 and row["sdpa_peak_mib"] > 0
+        assert row["max_abs_diff"] < 1e-4
+    assert payload["meta"]["target"]["measured"] is False  # the 4096-token target is not run at tiny size
+    assert "| length |" in (reports / "attention.md").read_text()
+
+
+def test_moe_dispatch_report(reports: Path) -> None:
+    payload = load(reports, "moe_dispatch")
+    for row in payload["rows"]:
+        assert MOE_FIELDS <= set(row)
+        assert row["max_abs_diff_hf_grouped_mm"] < 1e-5
+        assert row["max_abs_diff_hf_eager"] < 1e-5
+    assert "| tokens |" in (reports / "moe_dispatch.md").read_text()
+
+
+def test_registry_and_unknown_name(tmp_path: Path) -> None:
+    assert {"attention", "moe_dispatch"} <= set(BENCHMARKS)
+    assert run_benchmarks(["no_such_benchmark"], tiny=True, out_dir=tmp_path, report=False) == 2
+    assert not any(tmp_path.iterdir())
