@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from service.engine.detokenizer import IncrementalDetokenizer
-from service.engine.runner import AdapterActivator
 from service.engine.sampler import RequestGenerator
 from service.engine.scheduler import SchedulerConfig
 from service.engine.sequence import Sequence
@@ -54,8 +53,8 @@ class Engine:
         self.error: BaseException | None = None
 
     # ---- set-up ----
-    def add_model(self, served: ServedModel, activate_adapters: AdapterActivator | None = None) -> None:
-        self.workers[served.name] = ModelWorker(served, self.config.scheduler, activate_adapters)
+    def add_model(self, served: ServedModel) -> None:
+        self.workers[served.name] = ModelWorker(served, self.config.scheduler)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="modelserve-engine", daemon=True)
@@ -85,6 +84,10 @@ class Engine:
                 f"prompt ({len(request.prompt_ids)} tokens) + max_tokens ({request.params.max_tokens}) "
                 f"exceeds the model's context length max_model_len={limit}"
             )
+        if request.adapter is not None:
+            registry = worker.served.registry
+            if registry is None or request.adapter not in registry.resident:
+                raise UnknownModelError(f"adapter {request.adapter!r} is not loaded on model {request.model!r}")
         return worker
 
     def submit(self, request: GenerationRequest, on_event: Callable[[TokenEvent], None]) -> Sequence:
@@ -99,9 +102,13 @@ class Engine:
             detokenizer=IncrementalDetokenizer(worker.served.tokenizer, params.stop),
             generator=None if params.greedy else RequestGenerator(params.seed),
         )
+        if request.adapter is not None and not worker.served.registry.acquire(request.adapter):
+            raise UnknownModelError(f"adapter {request.adapter!r} was unloaded")
         with self._lock:
             waiting = len(worker.scheduler.waiting) + sum(1 for name, _ in self._inbox if name == request.model)
             if waiting >= self.config.scheduler.max_waiting:
+                if request.adapter is not None:
+                    worker.served.registry.release(request.adapter)
                 raise QueueFullError(
                     f"model {request.model!r} has {waiting} requests waiting (max_waiting="
                     f"{self.config.scheduler.max_waiting}); retry later"

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
+from adapters.registry import AdapterRegistry
 from models.decoder import CausalLM
 from models.kv_cache import KVCache
 from models.tokenizer import TextTokenizer
-from service.engine.runner import AdapterActivator, ModelRunner
+from service.engine.runner import ModelRunner
 from service.engine.sampler import sample
 from service.engine.scheduler import Scheduler, SchedulerConfig
 from service.engine.sequence import Sequence
@@ -29,17 +30,18 @@ class ServedModel:
     tokenizer: TextTokenizer
     max_model_len: int  # prompt + output tokens per sequence (KV cache length)
     eos_token_ids: tuple[int, ...] = ()
+    # LoRA adapters of this base model (None: adapters disabled). Attached before the model serves.
+    registry: AdapterRegistry | None = None
 
 
 class ModelWorker:
-    def __init__(
-        self, served: ServedModel, config: SchedulerConfig, activate_adapters: AdapterActivator | None = None
-    ) -> None:
+    def __init__(self, served: ServedModel, config: SchedulerConfig) -> None:
         self.served = served
         self.scheduler = Scheduler(config)
         model = served.model
         self.cache = KVCache(model.config, config.max_batch_size, served.max_model_len, model.dtype, model.device)
-        self.runner = ModelRunner(model, self.cache, activate_adapters)
+        activate = served.registry.activate if served.registry is not None else None
+        self.runner = ModelRunner(model, self.cache, activate)
         self.eos = set(served.eos_token_ids)
 
     @property
@@ -102,6 +104,8 @@ class ModelWorker:
         if seq.slot is not None:
             self.cache.free(seq.slot)
             seq.slot = None
+        if seq.request.adapter is not None and self.served.registry is not None:
+            self.served.registry.release(seq.request.adapter)
         if reason == FINISH_STOP and not seq.detokenizer.stopped:
             text += seq.detokenizer.flush()
         seq.emit(token_ids or [], text, finish_reason=reason, error=error)
