@@ -1,6 +1,6 @@
 """The inference engine: requests, continuous-batching scheduler, model runner, sampler."""
 
-from service.engine.engine import Engine, EngineConfig
+from service.engine.engine import Engine, EngineConfig, RequestStream
 from service.engine.scheduler import SchedulerConfig
 from service.engine.types import (
     EngineError,
@@ -22,6 +22,7 @@ __all__ = [
     "EngineUnavailableError",
     "GenerationRequest",
     "QueueFullError",
+    "RequestStream",
     "RequestTooLargeError",
     "SamplingParams",
     "SchedulerConfig",

@@ -125,20 +125,16 @@ class Engine:
                 seq.cancelled = True
                 self._lock.notify_all()
 
+    def open_stream(self, request: GenerationRequest) -> RequestStream:
+        """Submit now (raising EngineError for requests that cannot run) and return the event stream.
+
+        Call from a running event loop. Iterate it for TokenEvents; leaving early cancels the request."""
+        return RequestStream(self, request, asyncio.get_running_loop())
+
     async def stream(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
-        """Submit and yield events until the final one; leaving early (client gone) cancels the request."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
-        self.submit(request, lambda event: loop.call_soon_threadsafe(queue.put_nowait, event))
-        finished = False
-        try:
-            while not finished:
-                event = await queue.get()
-                finished = event.finish_reason is not None
+        async with self.open_stream(request) as events:
+            async for event in events:
                 yield event
-        finally:
-            if not finished:
-                self.cancel(request.request_id)
 
     def num_unfinished(self) -> int:
         with self._lock:
@@ -177,3 +173,35 @@ class Engine:
         with self._lock:
             for request_id in [rid for rid, seq in self._by_id.items() if seq.finished]:
                 del self._by_id[request_id]
+
+
+class RequestStream:
+    """The caller's side of one submitted request: TokenEvents delivered into the event loop."""
+
+    def __init__(self, engine: Engine, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> None:
+        self.engine = engine
+        self.request = request
+        self.finished = False
+        self._queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        engine.submit(request, lambda event: loop.call_soon_threadsafe(self._queue.put_nowait, event))
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> TokenEvent:
+        if self.finished:
+            raise StopAsyncIteration
+        event = await self._queue.get()
+        self.finished = event.finish_reason is not None
+        return event
+
+    def cancel(self) -> None:
+        """Abort the request unless it already finished (idempotent)."""
+        if not self.finished:
+            self.engine.cancel(self.request.request_id)
+
+    async def __aenter__(self) -> RequestStream:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.cancel()
