@@ -57,23 +57,39 @@ class ModelRunner:
         return StepOutput(logits, sum(len(r.tokens) for r in rows), expert_tokens)
 
     def _forward(self, rows: list[ScheduledRow]) -> tuple[Tensor, Tensor | None]:
-        longest = max(len(r.tokens) for r in rows)
-        tokens = torch.zeros(len(rows), longest, dtype=torch.long)  # (B, T) right-padded
-        for i, row in enumerate(rows):
-            tokens[i, : len(row.tokens)] = torch.tensor(row.tokens)
-        query_lens = torch.tensor([len(r.tokens) for r in rows])
+        return self.forward(
+            [r.tokens for r in rows],
+            [r.sequence.slot for r in rows],
+            [r.context_len for r in rows],
+            [r.sequence.request.adapter for r in rows],
+        )
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        tokens: list[list[int]],
+        slots: list[int],
+        context_lens: list[int],
+        adapters: list[str | None] | None = None,
+        all_positions: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """One cached forward over rows of new tokens. Returns logits (B, V) at each row's last new token,
+        or (B, T, V) at every position with all_positions, and the (layers, E) expert counts (MoE)."""
+        longest = max(len(t) for t in tokens)
+        batch = torch.zeros(len(tokens), longest, dtype=torch.long)  # (B, T) right-padded
+        for i, row in enumerate(tokens):
+            batch[i, : len(row)] = torch.tensor(row)
+        query_lens = torch.tensor([len(t) for t in tokens])
         meta = AttentionMetadata.for_cache(
             self.cache,
-            slots=torch.tensor([r.sequence.slot for r in rows], device=self.device),
-            context_lens=torch.tensor([r.context_len for r in rows], device=self.device),
+            slots=torch.tensor(slots, device=self.device),
+            context_lens=torch.tensor(context_lens, device=self.device),
             query_lens=query_lens.to(self.device),
         )
-        adapters = [r.sequence.request.adapter for r in rows]
-        active = (
-            self.activate_adapters(adapters, longest)
-            if self.activate_adapters is not None and any(adapters)
-            else nullcontext()
-        )
+        active = nullcontext()
+        if self.activate_adapters is not None and adapters is not None and any(adapters):
+            active = self.activate_adapters(adapters, longest)
+        last = None if all_positions else (query_lens - 1).to(self.device)
         with active:
-            out = self.model(tokens.to(self.device), meta=meta, logits_positions=(query_lens - 1).to(self.device))
+            out = self.model(batch.to(self.device), meta=meta, logits_positions=last)
         return out.logits, out.expert_counts

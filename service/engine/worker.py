@@ -18,8 +18,9 @@ from models.kv_cache import KVCache
 from models.tokenizer import TextTokenizer
 from service.engine.runner import ModelRunner
 from service.engine.sampler import sample
-from service.engine.scheduler import Scheduler, SchedulerConfig
+from service.engine.scheduler import ScheduledRow, Scheduler, SchedulerConfig
 from service.engine.sequence import Sequence
+from service.engine.speculative import SpeculativeConfig, SpeculativeDecoder
 from service.engine.types import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, StepStats
 
 
@@ -32,6 +33,9 @@ class ServedModel:
     eos_token_ids: tuple[int, ...] = ()
     # LoRA adapters of this base model (None: adapters disabled). Attached before the model serves.
     registry: AdapterRegistry | None = None
+    # Speculative decoding: a smaller model with the same vocabulary that drafts for this one.
+    draft_model: CausalLM | None = None
+    speculative: SpeculativeConfig | None = None
 
 
 class ModelWorker:
@@ -43,6 +47,19 @@ class ModelWorker:
         activate = served.registry.activate if served.registry is not None else None
         self.runner = ModelRunner(model, self.cache, activate)
         self.eos = set(served.eos_token_ids)
+        self.speculative: SpeculativeDecoder | None = None
+        if served.draft_model is not None:
+            if served.draft_model.config.vocab_size != model.config.vocab_size:
+                raise ValueError(
+                    f"draft vocab_size {served.draft_model.config.vocab_size} differs from the target's "
+                    f"{model.config.vocab_size}: a draft must share the tokenizer"
+                )
+            self.speculative = SpeculativeDecoder.build(
+                served.draft_model,
+                config.max_batch_size,
+                served.max_model_len,
+                served.speculative or SpeculativeConfig(),
+            )
 
     @property
     def has_work(self) -> bool:
@@ -60,28 +77,71 @@ class ModelWorker:
             if row.sequence.slot is None:
                 row.sequence.slot = self.cache.allocate()
             row.sequence.mark_scheduled()
-        output = self.runner.run(rows) if rows else None
-        sampling_rows = [r for r in rows if r.needs_sample]
-        for row in rows:
-            row.sequence.num_computed += len(row.tokens)
-        if sampling_rows:
-            seqs = [r.sequence for r in sampling_rows]
-            logits = torch.stack([output.logits[id(s)] for s in seqs])  # (S, V)
-            next_ids = sample(logits, [s.request.params for s in seqs], [s.generator for s in seqs])
-            for seq, token in zip(seqs, next_ids):
-                self._append(seq, token)
-        expert = output.expert_tokens.tolist() if output is not None and output.expert_tokens is not None else None
-        return StepStats(
+        spec_rows = [r for r in rows if self._speculates(r)]
+        plain_rows = [r for r in rows if not self._speculates(r)]
+        stats = StepStats(
             model=self.served.name,
             num_sequences=len(rows),
-            num_tokens=output.num_tokens if output else 0,
-            num_running=len(self.scheduler.running),
-            num_waiting=len(self.scheduler.waiting),
-            kv_cache_usage=self.kv_usage(),
-            step_seconds=time.monotonic() - started,
+            num_tokens=0,
+            num_running=0,
+            num_waiting=0,
+            kv_cache_usage=0.0,
+            step_seconds=0.0,
             adapters=[r.sequence.request.adapter for r in rows],
-            expert_tokens=expert,
         )
+        expert_tokens = None
+        if plain_rows:
+            output = self.runner.run(plain_rows)
+            stats.num_tokens += output.num_tokens
+            expert_tokens = output.expert_tokens
+            for row in plain_rows:
+                row.sequence.num_computed += len(row.tokens)
+            seqs = [r.sequence for r in plain_rows if r.needs_sample]
+            if seqs:
+                logits = torch.stack([output.logits[id(s)] for s in seqs])  # (S, V)
+                next_ids = sample(logits, [s.request.params for s in seqs], [s.generator for s in seqs])
+                for seq, token in zip(seqs, next_ids):
+                    self._append(seq, token)
+        if spec_rows:
+            counts = self._speculative_step(spec_rows, stats)
+            if counts is not None:
+                expert_tokens = counts if expert_tokens is None else expert_tokens + counts
+        stats.expert_tokens = expert_tokens.tolist() if expert_tokens is not None else None
+        stats.num_running = len(self.scheduler.running)
+        stats.num_waiting = len(self.scheduler.waiting)
+        stats.kv_cache_usage = self.kv_usage()
+        stats.step_seconds = time.monotonic() - started
+        return stats
+
+    def _speculates(self, row: ScheduledRow) -> bool:
+        """Decode rows of a model with a draft, while k drafts still fit the sequence's KV cache."""
+        if self.speculative is None or not row.needs_sample or len(row.tokens) != 1:
+            return False
+        k = self.speculative.config.num_draft_tokens
+        return row.context_len + k + 1 <= self.served.max_model_len
+
+    def _speculative_step(self, rows: list[ScheduledRow], stats: StepStats) -> torch.Tensor | None:
+        spec = self.speculative
+        seqs = [r.sequence for r in rows]
+        drafts, draft_probs = spec.propose(seqs)
+        logits, counts = self.runner.forward(
+            [r.tokens + d for r, d in zip(rows, drafts)],
+            [s.slot for s in seqs],
+            [r.context_len for r in rows],
+            [s.request.adapter for s in seqs],
+            all_positions=True,
+        )  # (B, k+1, V)
+        for i, (row, seq) in enumerate(zip(rows, seqs)):
+            result = spec.accept(seq, drafts[i], logits[i, : len(drafts[i]) + 1], draft_probs[i])
+            seq.num_computed = row.context_len + 1 + result.num_accepted
+            stats.num_tokens += len(row.tokens) + len(drafts[i])
+            stats.spec_draft_tokens += len(drafts[i])
+            stats.spec_accepted_tokens += result.num_accepted
+            for token in result.new_tokens:
+                if seq.finished:
+                    break
+                self._append(seq, token)
+        return counts
 
     def _append(self, seq: Sequence, token: int) -> None:
         params = seq.request.params
@@ -106,6 +166,8 @@ class ModelWorker:
             seq.slot = None
         if seq.request.adapter is not None and self.served.registry is not None:
             self.served.registry.release(seq.request.adapter)
+        if self.speculative is not None:
+            self.speculative.release(seq)
         if reason == FINISH_STOP and not seq.detokenizer.stopped:
             text += seq.detokenizer.flush()
         seq.emit(token_ids or [], text, finish_reason=reason, error=error)

@@ -1,0 +1,274 @@
+"""The one place where engine stats and request timings become Prometheus metrics (DESIGN.md, Metrics).
+
+Sources: `on_step` receives each engine step's `StepStats` (engine thread); a `RequestTracker` per
+HTTP request records its outcome and timings from the engine's `TokenEvent`s; the adapter
+registries are read at scrape time by a collector. Every metric lives in this module's own
+`CollectorRegistry`, so one process exposes complete metrics and tests can build many apps.
+
+Cardinality: `model` is bounded by the served models; `adapter` is the adapter name for the
+`top_adapters` adapters with the most requests so far, `other` for the rest, and `none` for requests
+to a base model. An adapter that drops out of the top N keeps its (frozen) series; its new traffic
+counts under `other`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+
+from adapters.registry import AdapterRegistry
+from service.engine import StepStats, TokenEvent
+
+PREFIX = "modelserve_"
+# 1 ms .. 60 s: sub-10 ms steps of a GPU decode up to minute-long CPU generations.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0)
+TOKEN_BUCKETS = tuple(float(2**i) for i in range(14))  # 1 .. 8192 tokens per step
+OUTCOMES = ("stop", "length", "abort", "error", "rejected")
+NO_ADAPTER, OTHER_ADAPTER = "none", "other"
+
+
+class AdapterLabels:
+    """Bounded `adapter` label values: the top N adapters by request count keep their name."""
+
+    def __init__(self, top: int) -> None:
+        self.top = top
+        self.counts: dict[str, int] = {}
+        self.lock = threading.Lock()
+
+    def count(self, adapter: str | None) -> str:
+        """Count one request of `adapter` and return its label."""
+        if adapter is None:
+            return NO_ADAPTER
+        with self.lock:
+            self.counts[adapter] = self.counts.get(adapter, 0) + 1
+            return self._label(adapter)
+
+    def label(self, adapter: str | None) -> str:
+        if adapter is None:
+            return NO_ADAPTER
+        with self.lock:
+            return self._label(adapter)
+
+    def _label(self, adapter: str) -> str:
+        mine = self.counts.get(adapter, 0)
+        # Rank = adapters strictly ahead (more requests, or as many and an earlier name).
+        ahead = sum(1 for name, n in self.counts.items() if n > mine or (n == mine and name < adapter))
+        return adapter if ahead < self.top else OTHER_ADAPTER
+
+
+class Metrics:
+    def __init__(self, top_adapters: int = 16) -> None:
+        self.registry = CollectorRegistry()
+        self.adapters = AdapterLabels(top_adapters)
+        self.registries: dict[str, AdapterRegistry] = {}
+        r, ma = self.registry, ["model", "adapter"]
+
+        def hist(name: str, doc: str, labels: list[str], buckets=LATENCY_BUCKETS) -> Histogram:
+            return Histogram(PREFIX + name, doc, labels, registry=r, buckets=buckets)
+
+        self.ttft = hist(
+            "time_to_first_token_seconds",
+            "Seconds from the request's arrival at the engine to its first output token (includes queueing and "
+            "prefill; excludes HTTP parsing and tokenization).",
+            ma,
+        )
+        self.itl = hist(
+            "inter_token_latency_seconds",
+            "Seconds between two consecutive output tokens of one request, one observation per token after the "
+            "first (the first token is not included: see time_to_first_token_seconds).",
+            ma,
+        )
+        self.e2e = hist(
+            "e2e_request_latency_seconds",
+            "Seconds from the request's arrival at the engine until it finished (stop, length, abort or error).",
+            ma,
+        )
+        self.queue_time = hist(
+            "request_queue_time_seconds",
+            "Seconds a request waited in the engine's queue, from arrival until its first scheduled step.",
+            ma,
+        )
+        self.prompt_tokens = Counter(
+            PREFIX + "prompt_tokens_total", "Prompt tokens of requests admitted to the engine.", ma, registry=r
+        )
+        self.generation_tokens = Counter(
+            PREFIX + "generation_tokens_total",
+            "Output tokens generated (the end-of-sequence token not counted), including those of aborted requests.",
+            ma,
+            registry=r,
+        )
+        self.requests = Counter(
+            PREFIX + "requests_total",
+            "Generation requests by outcome: stop (EOS or stop string), length (max_tokens or context), abort "
+            "(client disconnected or timed out), error (engine failure), rejected (refused admission: queue full "
+            "429 or draining 503). Requests refused as invalid (400/401/404) are not counted.",
+            [*ma, "outcome"],
+            registry=r,
+        )
+        self.running = Gauge(
+            PREFIX + "num_requests_running",
+            "Requests holding a KV cache slot (prefilling or decoding), after the latest engine step.",
+            ["model"],
+            registry=r,
+        )
+        self.waiting = Gauge(
+            PREFIX + "num_requests_waiting",
+            "Requests queued in the engine's scheduler waiting for a slot, after the latest engine step.",
+            ["model"],
+            registry=r,
+        )
+        self.kv_usage = Gauge(
+            PREFIX + "kv_cache_usage_ratio",
+            "Fraction (0..1) of the model's KV cache token capacity held by running requests, after the latest step.",
+            ["model"],
+            registry=r,
+        )
+        self.batch_size = hist(
+            "batch_size",
+            "Tokens fed through the model in one engine step (prefill chunks + one per decoding request); "
+            "one observation per step that ran a forward.",
+            ["model"],
+            buckets=TOKEN_BUCKETS,
+        )
+        self.expert_tokens = Counter(
+            PREFIX + "moe_expert_tokens_total",
+            "Tokens routed to each expert of each MoE layer (a token counts once for each of its top-k experts).",
+            ["model", "layer", "expert"],
+            registry=r,
+        )
+        self.spec_draft = Counter(
+            PREFIX + "spec_decode_draft_tokens_total",
+            "Draft tokens proposed by speculative decoding (0 while speculative decoding is off).",
+            ["model"],
+            registry=r,
+        )
+        self.spec_accepted = Counter(
+            PREFIX + "spec_decode_accepted_tokens_total",
+            "Draft tokens accepted by the target model in speculative decoding (0 while it is off).",
+            ["model"],
+            registry=r,
+        )
+        r.register(_AdapterRegistryCollector(self))
+
+    # ---- set-up ----
+    def add_model(self, model: str, registry: AdapterRegistry | None) -> None:
+        """Create the model's series at zero, so every metric is present before the first request."""
+        for outcome in OUTCOMES:
+            self.requests.labels(model, NO_ADAPTER, outcome)
+        for metric in (self.prompt_tokens, self.generation_tokens, self.ttft, self.itl, self.e2e, self.queue_time):
+            metric.labels(model, NO_ADAPTER)
+        for metric in (self.running, self.waiting, self.kv_usage, self.batch_size, self.spec_draft, self.spec_accepted):
+            metric.labels(model)
+        if registry is not None:
+            self.registries[model] = registry
+
+    # ---- engine thread ----
+    def on_step(self, stats: StepStats) -> None:
+        model = stats.model
+        self.running.labels(model).set(stats.num_running)
+        self.waiting.labels(model).set(stats.num_waiting)
+        self.kv_usage.labels(model).set(stats.kv_cache_usage)
+        if stats.num_tokens:
+            self.batch_size.labels(model).observe(stats.num_tokens)
+        if stats.expert_tokens:
+            for layer, counts in enumerate(stats.expert_tokens):
+                for expert, n in enumerate(counts):
+                    if n:
+                        self.expert_tokens.labels(model, str(layer), str(expert)).inc(n)
+        if stats.spec_draft_tokens:
+            self.spec_draft.labels(model).inc(stats.spec_draft_tokens)
+        if stats.spec_accepted_tokens:
+            self.spec_accepted.labels(model).inc(stats.spec_accepted_tokens)
+
+    # ---- requests ----
+    def track(self, model: str, adapter: str | None, prompt_tokens: int, arrival: float) -> RequestTracker:
+        return RequestTracker(self, model, self.adapters.count(adapter), prompt_tokens, arrival)
+
+    def rejected(self, model: str, adapter: str | None) -> None:
+        self.requests.labels(model, self.adapters.count(adapter), "rejected").inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+@dataclass
+class RequestTracker:
+    """One admitted request's metrics: feed it every TokenEvent, then `finish` once (idempotent)."""
+
+    metrics: Metrics
+    model: str
+    adapter_label: str
+    prompt_tokens: int
+    arrival: float  # time.monotonic(), the GenerationRequest's arrival_time
+    token_times: list[float] = field(default_factory=list)
+    generated: int = 0
+    done: bool = False
+
+    def on_event(self, event: TokenEvent) -> None:
+        self.token_times.extend(event.token_times)
+        self.generated = event.completion_tokens
+        if event.finish_reason is not None:
+            self.finish(event.finish_reason, event)
+
+    def finish(self, outcome: str, event: TokenEvent | None = None) -> None:
+        if self.done:
+            return
+        self.done = True
+        m, labels = self.metrics, (self.model, self.adapter_label)
+        m.requests.labels(*labels, outcome).inc()
+        m.prompt_tokens.labels(*labels).inc(self.prompt_tokens)
+        m.generation_tokens.labels(*labels).inc(self.generated)
+        m.e2e.labels(*labels).observe(time.monotonic() - self.arrival)
+        if self.token_times:
+            first = event.time_to_first_token if event is not None else None
+            m.ttft.labels(*labels).observe(first if first is not None else self.token_times[0] - self.arrival)
+        itl = m.itl.labels(*labels)
+        for before, after in zip(self.token_times, self.token_times[1:]):
+            itl.observe(after - before)
+        if event is not None and event.queue_time is not None:
+            m.queue_time.labels(*labels).observe(event.queue_time)
+
+
+class _AdapterRegistryCollector:
+    """LoRA registry state, read at scrape time from each model's AdapterRegistry."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        resident = GaugeMetricFamily(
+            PREFIX + "lora_adapters_resident", "LoRA adapters resident in memory per base model.", labels=["model"]
+        )
+        loads = CounterMetricFamily(
+            PREFIX + "lora_adapter_loads",
+            "Adapter load attempts by result: loaded, or error (unreadable, wrong shapes, rank too large).",
+            labels=["model", "result"],
+        )
+        evictions = CounterMetricFamily(
+            PREFIX + "lora_adapter_evictions",
+            "Adapters evicted (least recently used, not pinned, not in use) to make room for another.",
+            labels=["model"],
+        )
+        load_seconds = HistogramMetricFamily(
+            PREFIX + "lora_adapter_load_seconds",
+            "Seconds to load one adapter: read safetensors, check against the base model, install.",
+            labels=["model"],
+        )
+        for model, registry in self.metrics.registries.items():
+            resident.add_metric([model], len(registry.resident))
+            stats = registry.stats
+            for result in ("loaded", "error"):
+                loads.add_metric([model, result], stats.loads.get(result, 0))
+            evictions.add_metric([model], stats.evictions)
+            seconds = list(stats.load_seconds)
+            buckets = [(str(b), sum(1 for s in seconds if s <= b)) for b in LATENCY_BUCKETS]
+            load_seconds.add_metric([model], [*buckets, ("+Inf", len(seconds))], sum(seconds))
+        return [resident, loads, evictions, load_seconds]

@@ -1,0 +1,128 @@
+"""Speculative decoding: a small draft model proposes k tokens, the target verifies them in one forward.
+
+Per decode row and round: the draft catches up on the tokens it has not seen, proposes k tokens one
+at a time; the target runs once over [last token, d1..dk] and yields k+1 distributions. Greedy rows
+accept drafts while they equal the target's argmax, then take the target's token. Sampled rows use
+the standard rule (Leviathan et al. 2023; Chen et al. 2023): accept d_i with probability
+min(1, p(d_i) / q(d_i)), on rejection draw from norm(max(0, p - q)), and after k acceptances draw a
+bonus token from p_{k+1}; the output then follows the target's distribution exactly.
+
+KV caches need no copying on rejection: a sequence's cached-token count is cut back, the stale
+entries past it are masked out and later overwritten.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from models.generate import filter_logits
+from models.kv_cache import KVCache
+from service.engine.runner import ModelRunner
+from service.engine.sequence import Sequence
+from service.engine.types import SamplingParams
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    num_draft_tokens: int = 4  # k: drafts proposed per round
+
+
+@dataclass
+class DraftState:
+    slot: int
+    num_computed: int = 0  # tokens of the sequence whose keys/values the draft cache holds
+
+
+@dataclass
+class RoundResult:
+    new_tokens: list[int]  # accepted drafts followed by the target's own token
+    num_accepted: int  # how many drafts were accepted
+
+
+def probabilities(logits: Tensor, params: SamplingParams) -> Tensor:
+    """The sampling distribution a request uses, from raw logits (..., V)."""
+    scaled = logits.float() / params.temperature
+    flat = scaled.reshape(-1, scaled.shape[-1])
+    if params.top_k or params.top_p < 1.0:
+        flat = filter_logits(flat, params.top_k, params.top_p)
+    return torch.softmax(flat, dim=-1).reshape(scaled.shape)
+
+
+@dataclass
+class SpeculativeDecoder:
+    draft: ModelRunner
+    config: SpeculativeConfig = field(default_factory=SpeculativeConfig)
+    states: dict[int, DraftState] = field(default_factory=dict)  # id(sequence) -> draft-side state
+
+    @classmethod
+    def build(cls, draft_model, num_slots: int, max_seq_len: int, config: SpeculativeConfig) -> SpeculativeDecoder:
+        cache = KVCache(draft_model.config, num_slots, max_seq_len, draft_model.dtype, draft_model.device)
+        return cls(ModelRunner(draft_model, cache), config)
+
+    def release(self, seq: Sequence) -> None:
+        state = self.states.pop(id(seq), None)
+        if state is not None:
+            self.draft.cache.free(state.slot)
+
+    def _state(self, seq: Sequence) -> DraftState:
+        if id(seq) not in self.states:
+            self.states[id(seq)] = DraftState(self.draft.cache.allocate())
+        return self.states[id(seq)]
+
+    def propose(self, seqs: list[Sequence]) -> tuple[list[list[int]], list[Tensor | None]]:
+        """k draft tokens per sequence, and the draft distributions q (k, V) of sampled rows (None: greedy)."""
+        k = self.config.num_draft_tokens
+        states = [self._state(s) for s in seqs]
+        history = [s.request.prompt_ids + s.output_ids for s in seqs]
+        feed = [h[st.num_computed :] for h, st in zip(history, states)]  # catch-up: >= 1 token each
+        drafts: list[list[int]] = [[] for _ in seqs]
+        q_rows: list[list[Tensor]] = [[] for _ in seqs]
+        for _ in range(k):
+            logits, _ = self.draft.forward(feed, [st.slot for st in states], [st.num_computed for st in states])
+            for i, (seq, st) in enumerate(zip(seqs, states)):
+                st.num_computed += len(feed[i])
+                params = seq.request.params
+                if params.greedy:
+                    token = int(logits[i].argmax())
+                else:
+                    q = probabilities(logits[i], params)  # (V,)
+                    token = int(torch.multinomial(q, 1, generator=seq.generator.generator))
+                    q_rows[i].append(q)
+                drafts[i].append(token)
+            feed = [[d[-1]] for d in drafts]
+        q_out = [torch.stack(q) if q else None for q in q_rows]
+        return drafts, q_out
+
+    def accept(self, seq: Sequence, drafts: list[int], target_logits: Tensor, q: Tensor | None) -> RoundResult:
+        """target_logits (k+1, V) at [last token, d1..dk]; returns the tokens to append."""
+        params = seq.request.params
+        new: list[int] = []
+        if params.greedy:
+            target = target_logits.argmax(dim=-1).tolist()  # (k+1,)
+            for i, draft in enumerate(drafts):
+                if draft != target[i]:
+                    return self._finish_round(seq, new, target[i])
+                new.append(draft)
+            return self._finish_round(seq, new, target[len(drafts)])
+        p = probabilities(target_logits, params)  # (k+1, V)
+        generator = seq.generator.generator
+        for i, draft in enumerate(drafts):
+            ratio = p[i, draft] / q[i, draft].clamp_min(1e-20)
+            if torch.rand((), generator=generator) < ratio.clamp(max=1.0):
+                new.append(draft)
+                continue
+            residual = (p[i] - q[i]).clamp_min(0.0)
+            residual = residual / residual.sum() if residual.sum() > 0 else p[i]
+            return self._finish_round(seq, new, int(torch.multinomial(residual, 1, generator=generator)))
+        bonus = int(torch.multinomial(p[len(drafts)], 1, generator=generator))
+        return self._finish_round(seq, new, bonus)
+
+    def _finish_round(self, seq: Sequence, accepted: list[int], token: int) -> RoundResult:
+        state = self.states[id(seq)]
+        # The draft cache is valid for the history before this round's drafts plus the accepted ones.
+        valid = seq.total_len() + len(accepted)
+        state.num_computed = min(state.num_computed, valid)
+        return RoundResult([*accepted, token], len(accepted))

@@ -1,0 +1,137 @@
+"""Build the served models from Settings: model dirs -> `ServedModel`s with adapter registries, adapters loaded.
+
+With no configured models the demo zoo under `artifacts_dir` is served: every direct child holding
+`config.json` is a model, every `artifacts_dir/adapters/<name>/` an adapter. An adapter's base is
+its `adapter_config.json` `base_model_name_or_path` when that names a served model (by name, by
+directory, or by the directory's last component); otherwise the one served model whose layer shapes
+fit the adapter's tensors. `device="auto"` picks CUDA (bfloat16 weights) when torch sees a GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from adapters.peft_format import AdapterError, modules, read_adapter
+from adapters.registry import AdapterRegistry, RegistryConfig
+from models.checkpoint import GenerationDefaults, load_model
+from models.config import ModelConfig
+from models.tokenizer import TextTokenizer
+from service.engine import ServedModel
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class LoadingError(ValueError):
+    """The configured models or adapters cannot be served, with the reason named."""
+
+
+@dataclass
+class LoadedModel:
+    served: ServedModel
+    directory: Path
+    config: ModelConfig
+
+
+def resolve_device(settings: Settings) -> tuple[str, str]:
+    """(device, dtype name) for the model weights."""
+    device = settings.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise LoadingError("device=cuda but torch sees no CUDA GPU")
+    dtype = settings.dtype or ("bfloat16" if device == "cuda" else "float32")
+    return device, dtype
+
+
+def discover(settings: Settings) -> tuple[dict[str, Path], dict[str, Path]]:
+    """(models, adapters) to serve: the configured ones, or the zoo under artifacts_dir."""
+    if settings.models:
+        return dict(settings.models), dict(settings.adapters)
+    root = settings.artifacts_dir
+    models = {d.name: d for d in sorted(root.iterdir()) if (d / "config.json").is_file()} if root.is_dir() else {}
+    if not models:
+        raise LoadingError(
+            f"no models to serve: {root}/ has no model directories (run `modelserve build` or `make run`), "
+            "and no --model NAME=DIR was given"
+        )
+    adapter_root = root / "adapters"
+    adapters = (
+        {d.name: d for d in sorted(adapter_root.iterdir()) if (d / "adapter_config.json").is_file()}
+        if adapter_root.is_dir()
+        else {}
+    )
+    return models, {**adapters, **settings.adapters}
+
+
+def load_served_model(name: str, directory: Path, settings: Settings, device: str, dtype: str) -> LoadedModel:
+    model = load_model(directory, dtype=dtype, device=device)
+    tokenizer = TextTokenizer.load(directory)
+    config = model.config
+    eos = list(GenerationDefaults.load(directory, config).eos_token_ids)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+        eos.append(tokenizer.eos_token_id)
+    registry = AdapterRegistry(
+        name,
+        model,
+        RegistryConfig(settings.max_adapters, settings.max_adapter_bytes, settings.max_lora_rank),
+    )
+    max_len = min(config.max_position_embeddings, settings.max_model_len)
+    served = ServedModel(name, model, tokenizer, max_model_len=max_len, eos_token_ids=tuple(eos), registry=registry)
+    log.info("loaded model %s from %s (%s, %s, max_model_len=%d)", name, directory, device, dtype, max_len)
+    return LoadedModel(served, directory, config)
+
+
+def _fits(registry: AdapterRegistry, tensors: dict) -> bool:
+    for module in modules(tensors):
+        layer = registry.layers.get(module)
+        a, b = tensors[f"{module}.lora_A"], tensors[f"{module}.lora_B"]
+        if layer is None or a.shape[1] != layer.in_features or b.shape[0] != layer.out_features:
+            return False
+    return True
+
+
+def resolve_base(adapter_dir: Path, models: dict[str, LoadedModel]) -> str:
+    """The served model an adapter belongs to (see module docstring). Raises AdapterError."""
+    config, tensors = read_adapter(adapter_dir)
+    base = config.base_model_name_or_path
+    if base:
+        if base in models:
+            return base
+        for name, loaded in models.items():
+            candidate = Path(base) if Path(base).is_absolute() else adapter_dir / base
+            same_dir = candidate.exists() and candidate.resolve() == loaded.directory.resolve()
+            if same_dir or Path(base).name == loaded.directory.name:
+                return name
+    fitting = [name for name, loaded in models.items() if _fits(loaded.served.registry, tensors)]
+    if len(fitting) == 1:
+        return fitting[0]
+    if not fitting:
+        raise AdapterError(
+            f"adapter {adapter_dir.name!r} (base_model_name_or_path={base!r}) fits none of the served models "
+            f"({', '.join(models)})"
+        )
+    raise AdapterError(
+        f"adapter {adapter_dir.name!r} (base_model_name_or_path={base!r}) fits several served models "
+        f"({', '.join(fitting)}); set base_model_name_or_path to one of them"
+    )
+
+
+def load_all(settings: Settings) -> tuple[dict[str, LoadedModel], dict[str, tuple[str, Path]]]:
+    """Load every model and start-up adapter: (models by name, adapter name -> (base, dir))."""
+    model_dirs, adapter_dirs = discover(settings)
+    device, dtype = resolve_device(settings)
+    models = {name: load_served_model(name, Path(d), settings, device, dtype) for name, d in model_dirs.items()}
+    adapters: dict[str, tuple[str, Path]] = {}
+    for name, directory in adapter_dirs.items():
+        if name in models:
+            raise LoadingError(f"adapter name {name!r} is also a model name")
+        base = resolve_base(Path(directory), models)
+        info = models[base].served.registry.load(name, directory, pinned=True)
+        adapters[name] = (base, Path(directory))
+        log.info("loaded adapter %s (rank %d) on %s from %s", name, info.rank, base, directory)
+    return models, adapters

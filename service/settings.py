@@ -1,0 +1,84 @@
+"""The one settings object of the service (pydantic-settings; environment prefix ``MODELSERVE_``).
+
+Sources, highest priority first: command-line flags (`modelserve serve --host ...`), the `--config`
+file (JSON: keys are the field names; or a ``.env`` file of ``MODELSERVE_*`` lines), environment
+variables ``MODELSERVE_<FIELD>`` (lists and dicts as JSON, e.g.
+``MODELSERVE_API_KEYS='["k1","k2"]'``), then the defaults below. No other module reads the
+environment.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MODELSERVE_", extra="forbid", validate_default=True)
+
+    # ---- what to serve ----
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda (bfloat16) when available, else cpu (float32)
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None  # None: bfloat16 on cuda, float32 on cpu
+    # With no `models`, every artifacts_dir/<name>/ holding config.json is served, and every
+    # artifacts_dir/adapters/<name>/ is loaded as an adapter of its base.
+    artifacts_dir: Path = Path("artifacts")
+    models: dict[str, Path] = Field(default_factory=dict)  # name -> Hugging Face model dir
+    adapters: dict[str, Path] = Field(default_factory=dict)  # name -> PEFT adapter dir, loaded at start (pinned)
+    # Admin loads (`POST /v1/load_lora_adapter`) accept only directories under these roots (after
+    # resolving symlinks). Empty: artifacts_dir/adapters.
+    adapter_roots: list[Path] = Field(default_factory=list)
+    # Cap on prompt + output tokens per sequence; the model's max_position_embeddings is the other cap.
+    # It sizes the KV cache (max_batch_size x max_model_len tokens per model).
+    max_model_len: int = Field(2048, ge=8)
+
+    # ---- engine and backpressure ----
+    max_batch_size: int = Field(32, ge=1)  # sequences decoding at once per model (KV cache slots)
+    max_tokens_per_step: int = Field(512, ge=16)  # tokens per engine step: bounds one step's latency
+    max_waiting: int = Field(64, ge=0)  # queued requests per model beyond the running ones; more get 429
+    request_timeout_s: float = Field(600.0, gt=0)  # a request still generating after this is cancelled (504)
+    drain_timeout_s: float = Field(30.0, ge=0)  # on SIGTERM, how long in-flight requests may take to finish
+    retry_after_s: int = Field(1, ge=0)  # the Retry-After header of a 429
+
+    # ---- request limits (each broken one is a 400 naming it) ----
+    max_prompt_chars: int = Field(1_000_000, ge=1)  # checked before tokenizing
+    max_stop_sequences: int = Field(4, ge=0)
+    max_stop_chars: int = Field(64, ge=1)
+    default_max_tokens: int = Field(16, ge=1)  # /v1/completions without max_tokens (OpenAI's default)
+    default_chat_max_tokens: int = Field(256, ge=1)  # /v1/chat/completions without max_tokens (capped by context)
+
+    # ---- adapters ----
+    max_adapters: int = Field(64, ge=1)  # resident per base model
+    max_adapter_bytes: int = Field(512 * 1024**2, ge=1)
+    max_lora_rank: int = Field(64, ge=1)
+
+    # ---- security ----
+    api_keys: list[SecretStr] = Field(default_factory=list)  # empty: /v1 user routes are open
+    admin_api_keys: list[SecretStr] = Field(default_factory=list)  # admin routes; also valid on user routes
+    protect_ops_endpoints: bool = False  # True: /health, /ready and /metrics need a key too
+
+    # ---- metrics and logging ----
+    metrics_top_adapters: int = Field(16, ge=0)  # adapters labelled by name in metrics; the rest are "other"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @classmethod
+    def load(cls, config_file: str | Path | None = None, **overrides: Any) -> Settings:
+        """Settings from the environment, an optional JSON or .env file, and overrides (None values ignored)."""
+        overrides = {key: value for key, value in overrides.items() if value not in (None, {}, [])}
+        if config_file is None:
+            return cls(**overrides)
+        path = Path(config_file)
+        if not path.is_file():
+            raise ValueError(f"settings file {path} not found")
+        if path.suffix == ".json":
+            return cls(**{**json.loads(path.read_text()), **overrides})
+        return cls(_env_file=path, **overrides)
+
+    @property
+    def effective_adapter_roots(self) -> list[Path]:
+        return self.adapter_roots or [self.artifacts_dir / "adapters"]
