@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 BENCHMARKS: dict[str, str] = {
     "attention": "bench.attention",
     "moe_dispatch": "bench.moe_dispatch",
+    "speculative": "bench.speculative",
 }
 # Every benchmark runs on one CPU thread: the machines are shared, the claims are ratios of
 # implementations timed side by side, and one thread keeps both the noise and the load bounded.

@@ -29,7 +29,7 @@ class ServedModel:
     name: str
     model: CausalLM
     tokenizer: TextTokenizer
-    max_model_len: int  # prompt + output tokens per sequence (KV cache length)
+    max_model_len: int  # prompt + output tokens per sequence (KV cache length); capped at the model's positions
     eos_token_ids: tuple[int, ...] = ()
     # LoRA adapters of this base model (None: adapters disabled). Attached before the model serves.
     registry: AdapterRegistry | None = None
@@ -41,6 +41,7 @@ class ServedModel:
 class ModelWorker:
     def __init__(self, served: ServedModel, config: SchedulerConfig) -> None:
         self.served = served
+        served.max_model_len = min(served.max_model_len, served.model.config.max_position_embeddings)
         self.scheduler = Scheduler(config)
         model = served.model
         self.cache = KVCache(model.config, config.max_batch_size, served.max_model_len, model.dtype, model.device)
