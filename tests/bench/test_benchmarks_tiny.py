@@ -23,7 +23,7 @@ MOE_FIELDS = {"tokens", "ours_ms", "hf_grouped_mm_ms", "hf_eager_ms", "speedup_v
 def reports(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("reports")
     argv = ["bench", "--tiny", "--out", str(out)]
-    for name in ("attention", "moe_dispatch"):
+    for name in ("attention", "moe_dispatch", "speculative"):
         argv += ["--only", name]
     assert main(argv) == 0
     return out
@@ -63,3 +63,11 @@ def test_registry_and_unknown_name(tmp_path: Path) -> None:
     assert {"attention", "moe_dispatch"} <= set(BENCHMARKS)
     assert run_benchmarks(["no_such_benchmark"], tiny=True, out_dir=tmp_path, report=False) == 2
     assert not any(tmp_path.iterdir())
+
+
+def test_speculative_report(reports: Path) -> None:
+    payload = load(reports, "speculative")
+    variants = [row["variant"] for row in payload["rows"]]
+    assert variants[0] == "teacher" and len(variants) >= 2
+    assert all(row["identical_tokens"] for row in payload["rows"])  # greedy speculation never changes tokens
+    assert "target" in payload["meta"]
