@@ -32,8 +32,16 @@ class StepOutput:
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, cache: KVCache, activate_adapters: AdapterActivator | None = None) -> None:
+    def __init__(
+        self,
+        model: CausalLM,
+        cache: KVCache,
+        activate_adapters: AdapterActivator | None = None,
+        compile_decode: bool = False,
+    ) -> None:
         self.model = model
+        # torch.compile'd forward for decode steps (one token per row); prefill stays eager.
+        self.decode_model = torch.compile(model, dynamic=True) if compile_decode else model
         self.cache = cache
         self.device = model.device
         self.activate_adapters = activate_adapters
@@ -90,6 +98,7 @@ class ModelRunner:
         if self.activate_adapters is not None and adapters is not None and any(adapters):
             active = self.activate_adapters(adapters, longest)
         last = None if all_positions else (query_lens - 1).to(self.device)
+        model = self.decode_model if longest == 1 else self.model
         with active:
-            out = self.model(batch.to(self.device), meta=meta, logits_positions=last)
+            out = model(batch.to(self.device), meta=meta, logits_positions=last)
         return out.logits, out.expert_counts

@@ -18,6 +18,7 @@ class SchedulerConfig:
     max_batch_size: int = 32  # sequences running at once (= KV cache slots)
     max_tokens_per_step: int = 512  # tokens fed through the model in one step; bounds a step's latency
     max_waiting: int = 64  # queued sequences; beyond this, submissions are refused (429)
+    compile_decode: bool = False  # torch.compile the decode step (worth it on a GPU; slow to warm up on CPU)
 
 
 @dataclass

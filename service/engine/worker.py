@@ -46,7 +46,7 @@ class ModelWorker:
         model = served.model
         self.cache = KVCache(model.config, config.max_batch_size, served.max_model_len, model.dtype, model.device)
         activate = served.registry.activate if served.registry is not None else None
-        self.runner = ModelRunner(model, self.cache, activate)
+        self.runner = ModelRunner(model, self.cache, activate, config.compile_decode)
         self.eos = set(served.eos_token_ids)
         self.speculative: SpeculativeDecoder | None = None
         if served.draft_model is not None:
