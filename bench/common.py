@@ -89,6 +89,8 @@ def machine_info() -> dict[str, Any]:
 
 
 def _cell(value: object) -> str:
+    if value is None:
+        return "n/a"
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, float):

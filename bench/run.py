@@ -18,6 +18,10 @@ log = logging.getLogger(__name__)
 BENCHMARKS: dict[str, str] = {
     "attention": "bench.attention",
     "moe_dispatch": "bench.moe_dispatch",
+    "http_overhead": "bench.http_overhead",
+    "multi_lora": "bench.multi_lora",
+    "batching": "bench.batching",
+    "decode": "bench.decode",
     "speculative": "bench.speculative",
 }
 # Every benchmark runs on one CPU thread: the machines are shared, the claims are ratios of

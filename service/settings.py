@@ -65,6 +65,8 @@ class Settings(BaseSettings):
     # ---- metrics and logging ----
     metrics_top_adapters: int = Field(16, ge=0)  # adapters labelled by name in metrics; the rest are "other"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    torch_threads: int | None = Field(None, ge=1)  # None: torch's default (all cores)
+    gil_switch_interval_s: float = Field(0.001, gt=0)  # sys.setswitchinterval (Python's default: 0.005)
 
     @classmethod
     def load(cls, config_file: str | Path | None = None, **overrides: Any) -> Settings:

@@ -58,8 +58,10 @@ def render(
     add_generation_prompt: bool = True,
 ) -> str:
     """The prompt text for `messages` (the template decides whether it starts with the BOS token)."""
-    plain = [{"role": m.role, "content": message_text(m, i), **({"name": m.name} if m.name else {})} for i, m in
-             enumerate(messages)]
+    plain = [
+        {"role": m.role, "content": message_text(m, i), **({"name": m.name} if m.name else {})}
+        for i, m in enumerate(messages)
+    ]
     try:
         return _compile(template or DEFAULT_CHAT_TEMPLATE).render(
             messages=plain,

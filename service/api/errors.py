@@ -99,6 +99,8 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code == 400 and message == "There was an error parsing the body":
+            message = "the request body is not valid JSON in UTF-8"
         return APIError(exc.status_code, message, headers=dict(exc.headers or {})).response()
 
     @app.exception_handler(Exception)

@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from adapters.registry import AdapterRegistry
@@ -26,10 +26,30 @@ from service.engine import StepStats, TokenEvent
 
 PREFIX = "modelserve_"
 # 1 ms .. 60 s: sub-10 ms steps of a GPU decode up to minute-long CPU generations.
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0)
+LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    20.0,
+    30.0,
+    60.0,
+)
 TOKEN_BUCKETS = tuple(float(2**i) for i in range(14))  # 1 .. 8192 tokens per step
 OUTCOMES = ("stop", "length", "abort", "error", "rejected")
 NO_ADAPTER, OTHER_ADAPTER = "none", "other"
+disable_created_metrics()  # no `_created` series: they double the exposition and no dashboard reads them
 
 
 class AdapterLabels:
@@ -208,6 +228,7 @@ class RequestTracker:
     token_times: list[float] = field(default_factory=list)
     generated: int = 0
     done: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)  # finish() may race: engine thread vs event loop
 
     def on_event(self, event: TokenEvent) -> None:
         self.token_times.extend(event.token_times)
@@ -216,9 +237,10 @@ class RequestTracker:
             self.finish(event.finish_reason, event)
 
     def finish(self, outcome: str, event: TokenEvent | None = None) -> None:
-        if self.done:
-            return
-        self.done = True
+        with self.lock:
+            if self.done:
+                return
+            self.done = True
         m, labels = self.metrics, (self.model, self.adapter_label)
         m.requests.labels(*labels, outcome).inc()
         m.prompt_tokens.labels(*labels).inc(self.prompt_tokens)

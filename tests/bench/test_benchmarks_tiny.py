@@ -16,6 +16,7 @@ from service.cli import main
 
 MACHINE_FIELDS = {"platform", "cpu_count", "torch", "date"}
 ATTENTION_FIELDS = {"length", "eager_ms", "sdpa_ms", "speedup", "eager_peak_mib", "sdpa_peak_mib", "memory_ratio"}
+HTTP_FIELDS = {"path", "median_ms", "p10_ms", "p90_ms", "overhead_ms"}
 MOE_FIELDS = {"tokens", "ours_ms", "hf_grouped_mm_ms", "hf_eager_ms", "speedup_vs_hf_grouped_mm", "speedup_vs_hf_eager"}
 
 
@@ -23,7 +24,7 @@ MOE_FIELDS = {"tokens", "ours_ms", "hf_grouped_mm_ms", "hf_eager_ms", "speedup_v
 def reports(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("reports")
     argv = ["bench", "--tiny", "--out", str(out)]
-    for name in ("attention", "moe_dispatch", "speculative"):
+    for name in ("attention", "moe_dispatch", "speculative", "http_overhead"):
         argv += ["--only", name]
     assert main(argv) == 0
     return out
@@ -59,8 +60,19 @@ def test_moe_dispatch_report(reports: Path) -> None:
     assert "| tokens |" in (reports / "moe_dispatch.md").read_text()
 
 
+def test_http_overhead_report(reports: Path) -> None:
+    payload = load(reports, "http_overhead")
+    assert [row["path"] for row in payload["rows"]] == ["engine", "http", "http_stream"]
+    for row in payload["rows"]:
+        assert HTTP_FIELDS <= set(row) and row["median_ms"] > 0
+    assert payload["meta"]["same_text_http_and_engine"] is True
+    assert payload["meta"]["server_exit_code_after_sigterm"] == 0
+    assert "met" in payload["meta"]["target"]
+    assert "| path |" in (reports / "http_overhead.md").read_text()
+
+
 def test_registry_and_unknown_name(tmp_path: Path) -> None:
-    assert {"attention", "moe_dispatch"} <= set(BENCHMARKS)
+    assert {"attention", "moe_dispatch", "http_overhead"} <= set(BENCHMARKS)
     assert run_benchmarks(["no_such_benchmark"], tiny=True, out_dir=tmp_path, report=False) == 2
     assert not any(tmp_path.iterdir())
 

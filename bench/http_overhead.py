@@ -1,0 +1,241 @@
+"""Benchmark: what the HTTP layer adds to a request, side by side with the engine called in-process.
+
+One random model (saved as a Hugging Face dir with a byte-level BPE tokenizer) is served twice on
+the same machine in the same run: by `modelserve serve` in a subprocess (uvicorn + FastAPI,
+one torch thread), and by an `Engine` inside this process (one torch thread). The request is a
+16-token greedy completion (`ignore_eos`, so both generate exactly 16 tokens). Timed, interleaved
+(engine, HTTP, HTTP streaming, engine, ...) after warm-up; both serve it as `modelserve serve` does
+(`service.loading.load_served_model`: LoRA registry attached, same KV cache and scheduler settings):
+
+- engine: tokenize, `Engine.submit`, wait for the final event (text assembled), in-process;
+- http: `POST /v1/completions` over a keep-alive connection (httpx), JSON parsed;
+- http_stream: the same with `stream: true`, read until `data: [DONE]`.
+
+overhead = median(http) - median(engine). The issue's target is <= 2 ms; it is written down as met
+or not, nothing here is tuned to meet it. The model's size hardly matters (both sides run the same
+forwards); it is kept small so the difference is not lost in the noise of the forwards.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+from matplotlib.figure import Figure
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from bench.common import write_report
+from models import ModelConfig, save_model
+from models.decoder import CausalLM
+from models.tokenizer import TextTokenizer
+from service.engine import Engine, EngineConfig, GenerationRequest, SamplingParams, SchedulerConfig
+from service.loading import load_served_model
+from service.settings import Settings
+
+NAME = "http_overhead"
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "the quick brown fox jumps over the lazy dog"
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class HttpOverheadConfig:
+    max_tokens: int = 16
+    warmup: int = 20
+    reps: int = 200
+    hidden_size: int = 128
+    layers: int = 2
+    target_overhead_ms: float = 2.0
+    startup_timeout_s: float = 120.0
+
+
+TINY = HttpOverheadConfig(warmup=2, reps=5)
+
+
+def build_model_dir(directory: Path, config: HttpOverheadConfig) -> None:
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator([PROMPT] * 10, trainer)
+    text_tokenizer = TextTokenizer(tokenizer, {"bos_token": "<s>", "eos_token": "</s>"})
+    torch.manual_seed(0)
+    model_config = ModelConfig(
+        vocab_size=text_tokenizer.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.hidden_size * 3,
+        num_hidden_layers=config.layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    save_model(CausalLM(model_config).eval(), directory)
+    text_tokenizer.save(directory)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(model_dir: Path, port: int, timeout: float) -> subprocess.Popen:
+    env = {**os.environ, "MODELSERVE_TORCH_THREADS": "1", "MODELSERVE_LOG_LEVEL": "warning"}
+    argv = [sys.executable, "-m", "service", "serve", "--model", f"bench={model_dir}", "--port", str(port)]
+    process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited {process.returncode}: {process.stderr.read().decode()[-2000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
+                return process
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    process.kill()
+    raise RuntimeError("server did not become ready")
+
+
+def engine_call(engine: Engine, tokenizer: TextTokenizer, params: SamplingParams):
+    counter = iter(range(10**9))
+
+    def call() -> str:
+        done = threading.Event()
+        parts: list[str] = []
+
+        def on_event(event) -> None:
+            parts.append(event.text)
+            if event.finish_reason is not None:
+                done.set()
+
+        engine.submit(GenerationRequest(f"b{next(counter)}", "bench", tokenizer.encode(PROMPT), params), on_event)
+        done.wait(60)
+        return "".join(parts)
+
+    return call
+
+
+def http_calls(client: httpx.Client, config: HttpOverheadConfig):
+    body = {"model": "bench", "prompt": PROMPT, "max_tokens": config.max_tokens, "temperature": 0, "ignore_eos": True}
+
+    def plain() -> str:
+        response = client.post("/v1/completions", json=body)
+        response.raise_for_status()
+        return response.json()["choices"][0]["text"]
+
+    def stream() -> str:
+        parts = []
+        with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as response:
+            response.raise_for_status()
+            for line in response.iter_lines():
+                if line == "data: [DONE]":
+                    break
+                parts.append(line)
+        return "".join(parts)
+
+    return plain, stream
+
+
+def measure(calls: dict[str, Any], warmup: int, reps: int) -> dict[str, list[float]]:
+    for _ in range(warmup):
+        for fn in calls.values():
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(reps):
+        for name, fn in calls.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return samples
+
+
+def plot(fig: Figure, rows: list[dict[str, Any]]) -> None:
+    ax = fig.subplots()
+    names = [r["path"] for r in rows]
+    ax.bar(names, [r["median_ms"] for r in rows], yerr=None, color=["#4c72b0", "#dd8452", "#55a868"][: len(rows)])
+    for i, row in enumerate(rows):
+        ax.errorbar(
+            i,
+            row["median_ms"],
+            yerr=[[row["median_ms"] - row["p10_ms"]], [row["p90_ms"] - row["median_ms"]]],
+            color="black",
+            capsize=6,
+        )
+    ax.set_ylabel("latency of a 16-token greedy completion (ms), median, p10-p90")
+    ax.set_title("HTTP layer vs the engine in-process")
+    ax.grid(True, axis="y", alpha=0.3)
+
+
+def run(tiny: bool, out_dir: str | Path) -> dict[str, Path]:
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
+    config = TINY if tiny else HttpOverheadConfig()
+    with tempfile.TemporaryDirectory(prefix="http_overhead_") as tmp:
+        model_dir = Path(tmp) / "bench"
+        build_model_dir(model_dir, config)
+        port = free_port()
+        server = start_server(model_dir, port, config.startup_timeout_s)
+        settings = Settings(models={"bench": model_dir})  # the server's defaults: same registry, cache, batch
+        served = load_served_model("bench", model_dir, settings, "cpu", "float32").served
+        tokenizer = served.tokenizer
+        scheduler = SchedulerConfig(settings.max_batch_size, settings.max_tokens_per_step, settings.max_waiting)
+        engine = Engine(EngineConfig(scheduler=scheduler))
+        engine.add_model(served)
+        engine.start()
+        try:
+            params = SamplingParams(max_tokens=config.max_tokens, temperature=0.0, ignore_eos=True)
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+                plain, stream = http_calls(client, config)
+                engine_fn = engine_call(engine, tokenizer, params)
+                same_text = engine_fn() == plain()
+                samples = measure(
+                    {"engine": engine_fn, "http": plain, "http_stream": stream}, config.warmup, config.reps
+                )
+        finally:
+            engine.stop()
+            server.send_signal(signal.SIGTERM)
+            server_exit = server.wait(60)
+    rows = []
+    for name, times in samples.items():
+        ms = sorted(t * 1e3 for t in times)
+        rows.append(
+            {
+                "path": name,
+                "median_ms": statistics.median(ms),
+                "p10_ms": ms[len(ms) // 10],
+                "p90_ms": ms[(len(ms) * 9) // 10],
+                "reps": len(ms),
+            }
+        )
+    engine_ms = rows[0]["median_ms"]
+    for row in rows:
+        row["overhead_ms"] = row["median_ms"] - engine_ms
+    overhead = rows[1]["overhead_ms"]
+    meta = {
+        "config": asdict(config),
+        "same_text_http_and_engine": same_text,
+        "server_exit_code_after_sigterm": server_exit,
+        "target": {
+            "overhead_ms_at_most": config.target_overhead_ms,
+            "overhead_ms": overhead,
+            "met": overhead <= config.target_overhead_ms,
+        },
+        "columns": "overhead_ms = median_ms(path) - median_ms(engine); timed interleaved, one torch thread each side",
+    }
+    log.info("%s: engine %.2f ms, http %.2f ms, overhead %.2f ms", NAME, engine_ms, rows[1]["median_ms"], overhead)
+    return write_report(NAME, rows, out_dir, plot, meta)

@@ -1,0 +1,38 @@
+"""Operational routes: `GET /health` (process alive), `GET /ready` (can serve now), `GET /metrics`.
+
+Open unless `protect_ops_endpoints` is set. `/ready` is 503 while models load, while draining after
+SIGTERM, and when the engine loop has died; `/health` stays 200 as long as the process answers.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from service.api.deps import OpsAuth, State
+from service.api.schemas import HealthResponse
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/health", response_model=HealthResponse)
+async def health(_: OpsAuth) -> HealthResponse:
+    """200 while the process is alive."""
+    return HealthResponse(status="ok")
+
+
+@router.get("/ready", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
+async def ready(state: State, _: OpsAuth):
+    """200 when requests can be served; 503 while loading, draining, or when the engine loop is dead."""
+    reason = state.not_ready_reason()
+    if reason is None:
+        return HealthResponse(status="ready")
+    body = HealthResponse(status="not ready", detail=reason).model_dump()
+    return JSONResponse(body, status_code=503, headers={"Retry-After": str(state.settings.retry_after_s)})
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(state: State, _: OpsAuth) -> Response:
+    """Prometheus text exposition of every modelserve_* metric."""
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
