@@ -6,6 +6,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PRESET ?= demo
 SCENARIO ?= mixed-adapters
+LOADTEST_ARGS ?=
 
 .PHONY: install run build test lint bench loadtest clean
 
@@ -40,7 +41,7 @@ bench: install
 	$(PY) -m service bench
 
 loadtest: install
-	$(PY) -m loadtest --scenario $(SCENARIO) --host http://$(HOST):$(PORT)
+	$(PY) -m loadtest --scenario $(SCENARIO) --host http://$(HOST):$(PORT) $(LOADTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) reports/*.json reports/*.png
