@@ -51,6 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help="settings file (JSON or .env)")
     serve.add_argument("--model", action="append", default=[], metavar="NAME=DIR")
     serve.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR")
+    serve.add_argument(
+        "--draft",
+        action="append",
+        default=[],
+        metavar="TARGET=DRAFT",
+        help="speculative decoding: DRAFT drafts for TARGET",
+    )
     serve.add_argument("--host", default=None)
     serve.add_argument("--port", type=int, default=None)
     serve.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)

@@ -21,6 +21,7 @@ from models.checkpoint import GenerationDefaults, load_model
 from models.config import ModelConfig
 from models.tokenizer import TextTokenizer
 from service.engine import ServedModel
+from service.engine.speculative import SpeculativeConfig
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -121,11 +122,36 @@ def resolve_base(adapter_dir: Path, models: dict[str, LoadedModel]) -> str:
     )
 
 
+def resolve_drafts(settings: Settings, models: dict[str, LoadedModel]) -> dict[str, str]:
+    """Target -> draft pairs: the configured ones, or for the demo zoo the student drafting for the teacher."""
+    if settings.drafts:
+        return dict(settings.drafts)
+    if not settings.models and {"teacher", "student"} <= set(models):
+        return {"teacher": "student"}
+    return {}
+
+
+def attach_drafts(models: dict[str, LoadedModel], drafts: dict[str, str], num_draft_tokens: int) -> None:
+    for target, draft in drafts.items():
+        if target not in models or draft not in models:
+            raise LoadingError(f"draft pair {target}={draft}: both must be served models ({', '.join(models)})")
+        target_config, draft_config = models[target].config, models[draft].config
+        if target_config.vocab_size != draft_config.vocab_size:
+            raise LoadingError(
+                f"draft {draft!r} has vocab_size {draft_config.vocab_size}, target {target!r} "
+                f"{target_config.vocab_size}: a draft must share the target's tokenizer"
+            )
+        models[target].served.draft_model = models[draft].served.model
+        models[target].served.speculative = SpeculativeConfig(num_draft_tokens=num_draft_tokens)
+        log.info("speculative decoding: %s drafts for %s", draft, target)
+
+
 def load_all(settings: Settings) -> tuple[dict[str, LoadedModel], dict[str, tuple[str, Path]]]:
     """Load every model and start-up adapter: (models by name, adapter name -> (base, dir))."""
     model_dirs, adapter_dirs = discover(settings)
     device, dtype = resolve_device(settings)
     models = {name: load_served_model(name, Path(d), settings, device, dtype) for name, d in model_dirs.items()}
+    attach_drafts(models, resolve_drafts(settings, models), settings.num_draft_tokens)
     adapters: dict[str, tuple[str, Path]] = {}
     for name, directory in adapter_dirs.items():
         if name in models:

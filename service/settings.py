@@ -36,6 +36,10 @@ class Settings(BaseSettings):
     # Cap on prompt + output tokens per sequence; the model's max_position_embeddings is the other cap.
     # It sizes the KV cache (max_batch_size x max_model_len tokens per model).
     max_model_len: int = Field(2048, ge=8)
+    # Speculative decoding: target model -> draft model (both served, same tokenizer). Serving the demo zoo
+    # with no drafts configured, the student drafts for the teacher.
+    drafts: dict[str, str] = Field(default_factory=dict)
+    num_draft_tokens: int = Field(4, ge=1, le=16)  # k: tokens the draft proposes per verification
 
     # ---- engine and backpressure ----
     max_batch_size: int = Field(32, ge=1)  # sequences decoding at once per model (KV cache slots)

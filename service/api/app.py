@@ -58,6 +58,7 @@ def start_engine(state: ServiceState) -> None:
 def create_app(settings: Settings, load: bool = True) -> FastAPI:
     """The app; with load=False the caller fills `app.state.service` itself (tests, embedding)."""
     state = ServiceState(settings=settings, metrics=Metrics(settings.metrics_top_adapters))
+    state.metrics.ready_probe = lambda: state.not_ready_reason() is None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

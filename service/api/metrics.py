@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
@@ -86,6 +86,7 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.adapters = AdapterLabels(top_adapters)
         self.registries: dict[str, AdapterRegistry] = {}
+        self.ready_probe: Callable[[], bool] | None = None  # set by the app: is the service ready now?
         r, ma = self.registry, ["model", "adapter"]
 
         def hist(name: str, doc: str, labels: list[str], buckets=LATENCY_BUCKETS) -> Histogram:
@@ -284,6 +285,13 @@ class _AdapterRegistryCollector:
             "Seconds to load one adapter: read safetensors, check against the base model, install.",
             labels=["model"],
         )
+        ready = GaugeMetricFamily(
+            PREFIX + "engine_ready",
+            "1 when the service can serve requests (models loaded, not draining, engine loop alive), else 0; "
+            "the same condition as GET /ready.",
+        )
+        probe = self.metrics.ready_probe
+        ready.add_metric([], 1.0 if probe is not None and probe() else 0.0)
         for model, registry in self.metrics.registries.items():
             resident.add_metric([model], len(registry.resident))
             stats = registry.stats
@@ -293,4 +301,4 @@ class _AdapterRegistryCollector:
             seconds = list(stats.load_seconds)
             buckets = [(str(b), sum(1 for s in seconds if s <= b)) for b in LATENCY_BUCKETS]
             load_seconds.add_metric([model], [*buckets, ("+Inf", len(seconds))], sum(seconds))
-        return [resident, loads, evictions, load_seconds]
+        return [ready, resident, loads, evictions, load_seconds]

@@ -81,6 +81,7 @@ def serve(args: argparse.Namespace) -> int:
             device=args.device,
             models=parse_pairs(args.model, "--model"),
             adapters=parse_pairs(args.adapter, "--adapter"),
+            drafts=parse_pairs(getattr(args, "draft", None), "--draft"),
         )
     except ValueError as exc:
         log.error("invalid settings: %s", exc)
