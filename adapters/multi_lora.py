@@ -1,15 +1,19 @@
 """Many LoRA adapters applied in one batch, unmerged (S-LoRA / Punica style).
 
 `attach(model)` swaps every projection that adapters may target (q, k, v, o, gate, up, down) for a
-`MultiLoRALinear` that keeps the base layer and a table of resident adapters. Before a forward,
-`LoRAContext.activate` is given each batch row's adapter; rows arrive sorted by adapter, so each
-adapter owns one contiguous segment of rows. Each layer then adds, per segment, the adapter's
-low-rank product x @ A^T @ B^T (scaling folded into B) on that segment's rows only. Weights are never
-merged or swapped per request, so requests of any adapters, and of the base, share one forward.
+`MultiLoRALinear` that keeps the base layer and the resident adapters' weights stacked by slot:
+A as (slots, rank, in) and B (scaling folded in) as (slots, out, rank), ranks zero-padded to the
+largest resident rank, which leaves every product exact. Before a forward, `LoRAContext.activate`
+gets each batch row's adapter slot; rows arrive sorted by adapter, so each adapter owns one
+contiguous segment of rows. Each layer then adds x @ A^T @ B^T on its adapter rows only. Weights
+are never merged or swapped per request, so requests of any adapters, and of the base, share one
+forward.
 
-Two kernels compute the same sum: "segment" runs one pair of matmuls per segment (few large
-segments: prefill); "gather" stacks each row's A and B and runs two batched matmuls (many tiny
-segments: decode with many adapters), the Punica BGMV idea. `kernel="auto"` picks by segment count.
+Two kernels compute the same sum: "segment" runs one pair of matmuls per adapter segment (few large
+segments: prefill); "gather" indexes each row's A and B out of the stacks and runs two batched
+matmuls (many small segments: decode with many adapters), the Punica BGMV idea. The row and slot
+index tensors are built once per forward in the context, not per layer. `kernel="auto"` picks by
+the number of segments.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ TARGETABLE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 
 @dataclass
 class Segment:
-    adapter_id: int
+    slot: int
     start: int  # first batch row
     end: int  # one past the last batch row
 
@@ -37,38 +41,48 @@ class LoRAContext:
     kernel: str = "auto"  # "auto" | "segment" | "gather"
     gather_min_segments: int = 4  # auto: gather kernel when a batch has at least this many adapter segments
     segments: list[Segment] = field(default_factory=list)
-    row_adapter: Tensor | None = None  # (B,) adapter id per row (-1: base), for the gather kernel
+    rows: Tensor | None = None  # (R,) batch rows that use an adapter
+    slots: Tensor | None = None  # (R,) their adapter slots
+    all_rows: bool = False  # every batch row uses an adapter (rows is then 0..B-1)
     use_gather: bool = False
 
     @contextmanager
-    def activate(self, row_adapter_ids: list[int]):
-        """row_adapter_ids: adapter id per batch row (-1 for base rows), rows sorted so equal ids are adjacent."""
+    def activate(self, row_slots: list[int], device: torch.device | str = "cpu"):
+        """row_slots: adapter slot per batch row (-1 for base rows), rows sorted so equal slots are adjacent."""
         segments: list[Segment] = []
-        for row, adapter_id in enumerate(row_adapter_ids):
-            if segments and segments[-1].adapter_id == adapter_id and segments[-1].end == row:
+        for row, slot in enumerate(row_slots):
+            if slot < 0:
+                continue
+            if segments and segments[-1].slot == slot and segments[-1].end == row:
                 segments[-1].end = row + 1
-            elif adapter_id >= 0:
-                segments.append(Segment(adapter_id, row, row + 1))
+            else:
+                segments.append(Segment(slot, row, row + 1))
         self.segments = segments
-        self.row_adapter = torch.tensor(row_adapter_ids)
         self.use_gather = self.kernel == "gather" or (
             self.kernel == "auto" and len(segments) >= self.gather_min_segments
         )
+        if self.use_gather:
+            rows = [row for row, slot in enumerate(row_slots) if slot >= 0]
+            self.rows = torch.tensor(rows, device=device)
+            self.slots = torch.tensor([row_slots[row] for row in rows], device=device)
+            self.all_rows = len(rows) == len(row_slots)
         try:
             yield
         finally:
-            self.segments, self.row_adapter = [], None
+            self.segments, self.rows, self.slots = [], None, None
 
 
 class MultiLoRALinear(nn.Module):
-    """base(x) plus, for each adapter segment of the batch, scaling * B(A(x)) on that segment's rows."""
+    """base(x) plus, for each batch row with an adapter, B(A(x)) of that row's adapter (scaling in B)."""
 
     def __init__(self, base: nn.Linear, context: LoRAContext) -> None:
         super().__init__()
         self.base = base
         self.context = context
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.adapters: dict[int, tuple[Tensor, Tensor]] = {}  # id -> (A (r, in), B*scaling (out, r))
+        self.a_stack: Tensor | None = None  # (slots, rank, in)
+        self.b_stack: Tensor | None = None  # (slots, out, rank), scaling folded in
+        self.ranks: dict[int, int] = {}  # slot -> rank of the adapter resident there (absent: zeros)
 
     @property
     def weight(self) -> Tensor:
@@ -78,45 +92,56 @@ class MultiLoRALinear(nn.Module):
     def bias(self) -> Tensor | None:
         return self.base.bias
 
+    # ---- slots ----
+    def set_adapter(self, slot: int, a: Tensor, b: Tensor) -> None:
+        """Install A (r, in) and B*scaling (out, r) at `slot`, growing the stacks as needed."""
+        rank = a.shape[0]
+        self._reserve(slot + 1, rank, a)
+        self.a_stack[slot].zero_()
+        self.b_stack[slot].zero_()
+        self.a_stack[slot, :rank] = a
+        self.b_stack[slot, :, :rank] = b
+        self.ranks[slot] = rank
+
+    def remove_adapter(self, slot: int) -> None:
+        if self.ranks.pop(slot, None) is not None:
+            self.a_stack[slot].zero_()
+            self.b_stack[slot].zero_()
+
+    def _reserve(self, slots: int, rank: int, like: Tensor) -> None:
+        have_slots = 0 if self.a_stack is None else self.a_stack.shape[0]
+        have_rank = 0 if self.a_stack is None else self.a_stack.shape[1]
+        if slots <= have_slots and rank <= have_rank:
+            return
+        new_slots, new_rank = max(slots, 2 * have_slots), max(rank, have_rank)
+        a = like.new_zeros(new_slots, new_rank, self.in_features)
+        b = like.new_zeros(new_slots, self.out_features, new_rank)
+        if self.a_stack is not None:
+            a[:have_slots, :have_rank] = self.a_stack
+            b[:have_slots, :, :have_rank] = self.b_stack
+        self.a_stack, self.b_stack = a, b
+
+    # ---- forward ----
     def forward(self, x: Tensor) -> Tensor:
         # x (B, T, in) -> (B, T, out)
         y = self.base(x)
         context = self.context
-        if not context.segments or not self.adapters:
+        if not context.segments or not self.ranks:
             return y
         if context.use_gather:
-            return self._gather(x, y)
+            a = self.a_stack[context.slots]  # (R, r, in)
+            b = self.b_stack[context.slots]  # (R, out, r)
+            if context.all_rows:
+                return y + torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))  # (B, T, out)
+            delta = torch.bmm(torch.bmm(x[context.rows], a.transpose(1, 2)), b.transpose(1, 2))  # (R, T, out)
+            return y.index_add_(0, context.rows, delta)
         for segment in context.segments:
-            weights = self.adapters.get(segment.adapter_id)
-            if weights is not None:
-                a, b = weights
+            rank = self.ranks.get(segment.slot)
+            if rank:
+                a = self.a_stack[segment.slot, :rank]  # (r, in)
+                b = self.b_stack[segment.slot, :, :rank]  # (out, r)
                 rows = slice(segment.start, segment.end)
                 y[rows] += (x[rows] @ a.T) @ b.T  # (b, T, in) @ (in, r) @ (r, out)
-        return y
-
-    def _gather(self, x: Tensor, y: Tensor) -> Tensor:
-        rows = [s for s in self.context.segments if s.adapter_id in self.adapters]
-        if not rows:
-            return y
-        max_rank = max(self.adapters[s.adapter_id][0].shape[0] for s in rows)
-        row_index: list[int] = []
-        a_rows: list[Tensor] = []
-        b_rows: list[Tensor] = []
-        for segment in rows:
-            a, b = self.adapters[segment.adapter_id]
-            pad = max_rank - a.shape[0]
-            if pad:
-                a = torch.cat([a, a.new_zeros(pad, a.shape[1])])
-                b = torch.cat([b, b.new_zeros(b.shape[0], pad)], dim=1)
-            count = segment.end - segment.start
-            row_index.extend(range(segment.start, segment.end))
-            a_rows.append(a.expand(count, *a.shape))
-            b_rows.append(b.expand(count, *b.shape))
-        index = torch.tensor(row_index, device=x.device)
-        stacked_a = torch.cat(a_rows)  # (R, r, in)
-        stacked_b = torch.cat(b_rows)  # (R, out, r)
-        delta = torch.bmm(torch.bmm(x[index], stacked_a.transpose(1, 2)), stacked_b.transpose(1, 2))  # (R, T, out)
-        y.index_add_(0, index, delta)
         return y
 
 

@@ -49,7 +49,7 @@ class AdapterInfo:
     load_seconds: float
     pinned: bool = False
     in_use: int = 0
-    adapter_id: int = -1
+    slot: int = -1  # index into the layers' adapter stacks
 
 
 @dataclass
@@ -70,7 +70,8 @@ class AdapterRegistry:
         self.lock = threading.RLock()
         self.resident: OrderedDict[str, AdapterInfo] = OrderedDict()  # LRU order: oldest first
         self.stats = RegistryStats()
-        self._next_id = 0
+        self._free_slots: list[int] = []  # slots of unloaded adapters, reused before new ones
+        self._next_slot = 0
 
     # ---- loading ----
     def load(self, name: str, path: str | Path, pinned: bool = False) -> AdapterInfo:
@@ -87,12 +88,12 @@ class AdapterRegistry:
             if name in self.resident:
                 self._remove(name)
             self._make_room(nbytes)
-            adapter_id = self._next_id
-            self._next_id += 1
-            for module, pair in weights.items():
-                self.layers[module].adapters[adapter_id] = pair
+            slot = self._free_slots.pop() if self._free_slots else self._next_slot
+            self._next_slot = max(self._next_slot, slot + 1)
+            for module, (a, b) in weights.items():
+                self.layers[module].set_adapter(slot, a, b)
             info = AdapterInfo(name, str(path), rank, nbytes, len(weights), time.monotonic() - started, pinned)
-            info.adapter_id = adapter_id
+            info.slot = slot
             self.resident[name] = info
             self.stats.loads["loaded"] += 1
             self.stats.load_seconds.append(info.load_seconds)
@@ -142,7 +143,8 @@ class AdapterRegistry:
     def _remove(self, name: str) -> None:
         info = self.resident.pop(name)
         for layer in self.layers.values():
-            layer.adapters.pop(info.adapter_id, None)
+            layer.remove_adapter(info.slot)
+        self._free_slots.append(info.slot)
 
     def unload(self, name: str) -> None:
         with self.lock:
@@ -179,6 +181,6 @@ class AdapterRegistry:
         """Hold the lock for one forward with these rows' adapters (sorted by name by the runner)."""
         del tokens_per_row  # layers see the (B, T, ...) layout and segment by row
         with self.lock:
-            ids = [self.resident[a].adapter_id if a is not None and a in self.resident else -1 for a in row_adapters]
-            with self.context.activate(ids):
+            slots = [self.resident[a].slot if a is not None and a in self.resident else -1 for a in row_adapters]
+            with self.context.activate(slots, self.device):
                 yield

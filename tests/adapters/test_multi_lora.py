@@ -120,8 +120,7 @@ def test_registry_lru_eviction_pinning_and_in_use(setup):
     registry.unload("a3")
     assert list(registry.resident) == ["a1"]
     assert all(
-        not layer.adapters or set(layer.adapters) == {registry.resident["a1"].adapter_id}
-        for layer in registry.layers.values()
+        not layer.ranks or set(layer.ranks) == {registry.resident["a1"].slot} for layer in registry.layers.values()
     )
 
 
