@@ -1,0 +1,290 @@
+"""Benchmark: batch-1 decode through the engine vs `transformers` generate, and MoE vs dense decode.
+
+Models: the zoo's student and teacher (else one random llama of `serving.DENSE`'s shape), the zoo's
+MoE (else a random one of `serving.MOE`'s shape), and a random dense model with the MoE's total
+parameters (same attention, one SwiGLU of num_experts x expert width; only the routers are missing).
+Each is loaded once by the engine and once by `transformers` from the same directory.
+
+One request at a time, a fixed prompt, greedy, exactly `max_tokens` new tokens. Decode tokens/s is
+(tokens - 1) / (last token time - first token time) on each side, which leaves the prompt's prefill
+out: engine times are when each token's event reached the callback, `transformers` times when
+generate handed the token to its streamer. End-to-end tokens/s (submission to last token) is
+reported too. All configurations run interleaved, round by round; medians over the rounds.
+Targets: engine decode >= 2x `transformers` on the same model; MoE vs dense: the ratio is reported.
+
+Diagnosis: per model, three per-token costs timed interleaved with each other: the engine's model
+forward for one decode token (batch 1, `prompt_len + max_tokens / 2` tokens cached), the
+`transformers` model forward for the same (its DynamicCache), and a floor, the matrix-vector
+products alone (every Linear a decode token passes through, MoE: top-k experts, on a (1, 1, in)
+input, nothing else). Batch-1 decode on CPU reads every weight once per token, so no implementation
+of this model beats the floor in float32: `hf_ms_per_token / floor_ms` bounds the speed-up any
+engine could reach over `transformers` here. What a token costs beyond the forward is the engine
+loop (scheduling, sampling, events) on one side and `generate`'s own work on the other.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import statistics
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+from torch import nn
+from tqdm import tqdm
+
+from bench.common import write_report
+from bench.serving import (
+    DENSE,
+    MOE,
+    TINY_DENSE,
+    TINY_MOE,
+    EngineHarness,
+    ModelSource,
+    RunResult,
+    hf_sequential,
+    interleaved,
+    load_hf,
+    median_run,
+    random_model,
+    random_prompts,
+    save_random_model,
+    served,
+    time_blocks,
+    zoo_model,
+)
+from models import AttentionMetadata, CausalLM, KVCache
+from service.engine import SchedulerConfig
+
+NAME = "decode"
+DENSE_EQUIVALENT = "dense_equal_total_params"
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DecodeBenchConfig:
+    prompt_len: int = 16
+    max_tokens: int = 64
+    warmup: int = 1
+    reps: int = 7
+    cost_block: int = 10  # consecutive calls per timed block of each per-token cost (diagnosis)
+    cost_reps: int = 15  # timed blocks
+    target_speedup: float = 2.0
+    tiny: bool = False
+    seed: int = 0
+
+
+TINY = DecodeBenchConfig(max_tokens=4, warmup=0, reps=1, cost_block=1, cost_reps=1, tiny=True)
+EXPERT = re.compile(r"\.experts\.(\d+)\.")
+
+
+def matvec_weights(model: CausalLM) -> list[torch.Tensor]:
+    """The (out, in) weights one decode token multiplies by: every Linear, MoE experts only the first top-k."""
+    top_k = model.config.num_experts_per_tok if model.config.is_moe else 0
+    weights = []
+    for name, module in model.named_modules():
+        expert = EXPERT.search(name + ".")
+        if isinstance(module, nn.Linear) and (expert is None or int(expert.group(1)) < top_k):
+            weights.append(module.weight)
+    return weights
+
+
+def per_token_costs(model: CausalLM, peer: Any, config: DecodeBenchConfig) -> dict[str, float]:
+    """Median ms, timed interleaved: the matrix-vector floor, our model's and transformers' decode forward."""
+    context = config.prompt_len + config.max_tokens // 2
+    weights = matvec_weights(model)
+    inputs = {w.shape[1]: torch.randn(1, 1, w.shape[1]) for w in weights}  # (B=1, T=1, in)
+    token = torch.tensor([[3]])  # (B=1, T=1)
+    cache = KVCache(model.config, 1, context + 1)
+    with torch.inference_mode():
+        prefix = torch.randint(3, model.config.vocab_size, (1, context), generator=torch.Generator().manual_seed(0))
+        peer_cache = peer(prefix, use_cache=True).past_key_values
+
+    def floor() -> None:
+        for weight in weights:
+            F.linear(inputs[weight.shape[1]], weight)
+
+    def ours() -> None:
+        one = torch.ones(1, dtype=torch.long)  # (B=1,)
+        meta = AttentionMetadata.for_cache(cache, slots=one - 1, context_lens=one * context, query_lens=one)
+        model(token, meta=meta, logits_positions=one - 1)
+
+    def theirs() -> None:
+        peer(token, past_key_values=peer_cache, use_cache=True)
+        peer_cache.crop(-1)  # back to `context` tokens for the next call
+
+    with torch.inference_mode():
+        fns = {"floor": floor, "ours": ours, "theirs": theirs}
+        seconds = time_blocks(fns, config.cost_block, warmup=min(config.cost_reps, 2), reps=config.cost_reps)
+    return {name: 1e3 * value for name, value in seconds.items()}
+
+
+def dense_equivalent(moe: ModelSource, workdir: Path, seed: int) -> ModelSource:
+    """A random dense model with the MoE's attention and one MLP as wide as all its experts together."""
+    config = moe.config
+    dense = config.replace(
+        model_type="mistral",  # mixtral's attention; the dense families differ from it only in the MLP
+        num_local_experts=0,
+        intermediate_size=config.intermediate_size * config.num_local_experts,
+        initializer_range=DENSE.init_std,  # random weights: wide enough for clear greedy margins
+    )
+    return ModelSource(DENSE_EQUIVALENT, save_random_model(dense, workdir / DENSE_EQUIVALENT, seed), "random")
+
+
+def sources(config: DecodeBenchConfig, workdir: Path) -> list[ModelSource]:
+    if config.tiny:
+        dense = [random_model("dense", TINY_DENSE, workdir, config.seed)]
+        moe = random_model("moe", TINY_MOE, workdir, config.seed)
+    else:
+        dense = [found for found in (zoo_model("student"), zoo_model("teacher")) if found is not None]
+        dense = dense or [random_model("dense", DENSE, workdir, config.seed)]
+        moe = zoo_model("moe") or random_model("moe", MOE, workdir, config.seed)
+    return [*dense, moe, dense_equivalent(moe, workdir, config.seed + 1)]
+
+
+def make_row(
+    source: ModelSource, engine: list[RunResult], hf: list[RunResult], costs: dict[str, float]
+) -> dict[str, Any]:
+    engine_decode = statistics.median(r.decode_tokens_per_s() for r in engine)
+    hf_decode = statistics.median(r.decode_tokens_per_s() for r in hf)
+    engine_e2e, hf_e2e = median_run(engine).tokens_per_s, median_run(hf).tokens_per_s
+    split = median_run(engine).split()
+    params = source.describe()
+    return {
+        "model": source.name,
+        "origin": source.origin,
+        "params_total_m": params["total"] / 1e6,
+        "params_active_m": params["active"] / 1e6,
+        "engine_decode_tok_s": engine_decode,
+        "hf_decode_tok_s": hf_decode,
+        "decode_speedup": engine_decode / hf_decode,
+        "engine_e2e_tok_s": engine_e2e,
+        "hf_e2e_tok_s": hf_e2e,
+        "e2e_speedup": engine_e2e / hf_e2e,
+        "identical_tokens": engine[0].outputs == hf[0].outputs,
+        "reps": len(engine),
+        "engine_ms_per_token": 1e3 / engine_decode,
+        "engine_step_ms": split["decode_step_ms"],
+        "engine_runner_ms": split["decode_forward_ms"],
+        "engine_forward_ms": costs["ours"],
+        "hf_ms_per_token": 1e3 / hf_decode,
+        "hf_forward_ms": costs["theirs"],
+        "floor_ms": costs["floor"],
+        "max_speedup_at_floor": (1e3 / hf_decode) / costs["floor"],
+    }
+
+
+def notes(rows: list[dict[str, Any]], verdict: dict[str, Any]) -> list[str]:
+    lines = []
+    for r in rows:
+        met = "met" if verdict["met"][r["model"]] else "missed"
+        lines.append(
+            f"{r['model']}: engine {r['decode_speedup']:.2f}x transformers at batch-1 decode ({met}); per token the "
+            f"engine takes {r['engine_ms_per_token']:.2f} ms (step {r['engine_step_ms']:.2f}, of which "
+            f"ModelRunner.run {r['engine_runner_ms']:.2f}), transformers {r['hf_ms_per_token']:.2f} ms; bare "
+            f"forwards timed side by side: ours {r['engine_forward_ms']:.2f} ms, transformers' "
+            f"{r['hf_forward_ms']:.2f} ms, matrix-vector floor {r['floor_ms']:.2f} ms, so no engine could exceed "
+            f"{r['max_speedup_at_floor']:.1f}x here"
+        )
+    by_model = {r["model"]: r for r in rows}
+    moe, dense = by_model["moe"], by_model[DENSE_EQUIVALENT]
+    outcome = (
+        "routing and dispatch cost more than the skipped experts save"
+        if moe["engine_forward_ms"] > dense["engine_forward_ms"]
+        else "the skipped experts save more than routing and dispatch cost"
+    )
+    lines.append(
+        f"MoE vs dense with the same total parameters, batch-1 decode tokens/s: "
+        f"{verdict['moe_vs_dense_decode_ratio_engine']:.2f} through the engine, "
+        f"{verdict['moe_vs_dense_decode_ratio_hf']:.2f} through transformers; the MoE's floor is "
+        f"{moe['floor_ms']:.2f} ms vs {dense['floor_ms']:.2f} ms ({moe['params_active_m']:.2f}M vs "
+        f"{dense['params_active_m']:.2f}M parameters per token), its engine forward {moe['engine_forward_ms']:.2f} ms "
+        f"vs {dense['engine_forward_ms']:.2f} ms: at batch 1 {outcome}"
+    )
+    return lines
+
+
+def plot(fig: Figure, rows: list[dict[str, Any]]) -> None:
+    speed_ax, moe_ax = fig.subplots(1, 2)
+    width = 0.38
+    positions = range(len(rows))
+    for offset, side, label in ((-width / 2, "engine", "engine"), (width / 2, "hf", "transformers generate")):
+        speed_ax.bar([p + offset for p in positions], [r[f"{side}_decode_tok_s"] for r in rows], width, label=label)
+    for p, r in zip(positions, rows):
+        speed_ax.annotate(
+            f"{r['decode_speedup']:.2f}x",
+            (p, max(r["engine_decode_tok_s"], r["hf_decode_tok_s"])),
+            ha="center",
+            va="bottom",
+        )
+    speed_ax.set_xticks(list(positions), [r["model"].replace("_", "\n") for r in rows], fontsize=8)
+    speed_ax.set_ylabel("batch-1 decode tokens / s (median)")
+    speed_ax.set_title("engine vs transformers generate (x = speed-up)")
+    speed_ax.set_ylim(0, 1.3 * max(max(r["engine_decode_tok_s"], r["hf_decode_tok_s"]) for r in rows))
+    speed_ax.legend(loc="upper right")
+    pair = [r for r in rows if r["model"] in ("moe", DENSE_EQUIVALENT)]
+    for offset, side, label in ((-width / 2, "engine", "engine"), (width / 2, "hf", "transformers generate")):
+        rates = [r[f"{side}_decode_tok_s"] for r in pair]
+        moe_ax.bar([p + offset for p in range(len(pair))], rates, width, label=label)
+    moe_ax.set_xticks(
+        list(range(len(pair))),
+        [f"{r['model']}\n{r['params_total_m']:.2f}M total, {r['params_active_m']:.2f}M active" for r in pair],
+        fontsize=8,
+    )
+    moe_ax.set_ylim(0, 1.3 * max(max(r["engine_decode_tok_s"], r["hf_decode_tok_s"]) for r in pair))
+    moe_ax.set_ylabel("batch-1 decode tokens / s (median)")
+    ratio = pair[0]["engine_decode_tok_s"] / pair[1]["engine_decode_tok_s"] if len(pair) == 2 else float("nan")
+    moe_ax.set_title(f"MoE vs dense, same total parameters (engine: {ratio:.2f}x)")
+    moe_ax.legend(loc="upper right")
+
+
+def run(tiny: bool, out_dir: Path) -> dict[str, Path]:
+    config = TINY if tiny else DecodeBenchConfig()
+    with tempfile.TemporaryDirectory(prefix="bench-decode-") as tmp:
+        models = sources(config, Path(tmp))
+        max_len = config.prompt_len + config.max_tokens
+        harness = EngineHarness([served(m, max_len) for m in models], SchedulerConfig())
+        peers = {m.name: load_hf(m.directory) for m in models}
+        fns = {}
+        for m in models:
+            prompt = random_prompts(1, m.config.vocab_size, (config.prompt_len,) * 2, config.seed)
+            fns[f"engine {m.name}"] = lambda m=m, p=prompt: harness.run(m.name, p, [None], config.max_tokens)
+            fns[f"hf {m.name}"] = lambda m=m, p=prompt: hf_sequential(peers[m.name], p, [None], config.max_tokens)
+        with harness.running(), tqdm(total=2, desc=NAME, unit="block") as progress:
+            runs = interleaved(fns, config.warmup, config.reps)
+            progress.update()
+            costs = {
+                m.name: per_token_costs(harness.engine.workers[m.name].served.model, peers[m.name], config)
+                for m in models
+            }
+            progress.update()
+    rows = [make_row(m, runs[f"engine {m.name}"], runs[f"hf {m.name}"], costs[m.name]) for m in models]
+    by_model = {r["model"]: r for r in rows}
+    moe, dense = by_model["moe"], by_model[DENSE_EQUIVALENT]
+    verdict = {
+        "decode_speedup_at_least": config.target_speedup,
+        "decode_speedup": {r["model"]: r["decode_speedup"] for r in rows},
+        "met": {r["model"]: r["decode_speedup"] >= config.target_speedup for r in rows},
+        "moe_vs_dense_decode_ratio_engine": moe["engine_decode_tok_s"] / dense["engine_decode_tok_s"],
+        "moe_vs_dense_decode_ratio_hf": moe["hf_decode_tok_s"] / dense["hf_decode_tok_s"],
+    }
+    log.info("%s: speed-ups %s", NAME, ", ".join(f"{k} {v:.2f}x" for k, v in verdict["decode_speedup"].items()))
+    meta = {
+        "config": asdict(config),
+        "models": {m.name: m.describe() for m in models},
+        "target": verdict,
+        "notes": notes(rows, verdict),
+        "columns": "decode_tok_s = (tokens - 1) / (last - first token time), median over rounds; e2e_tok_s = tokens / "
+        "median wall s from submission (engine) or the generate call (transformers) to the last token; "
+        "identical_tokens: engine and transformers greedy ids equal on the first round; engine_step_ms, "
+        "engine_runner_ms: mean decode step and ModelRunner.run (inputs, metadata, forward) of the median engine "
+        "run; engine_forward_ms, hf_forward_ms, floor_ms: one decode token's bare model forward on each side and "
+        "the matrix-vector floor, timed interleaved with each other after the runs (compare them with each "
+        "other; see the module docstring); max_speedup_at_floor = hf_ms_per_token / floor_ms",
+    }
+    return write_report(NAME, rows, out_dir, plot, meta)
