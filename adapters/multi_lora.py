@@ -45,6 +45,10 @@ class LoRAContext:
     slots: Tensor | None = None  # (R,) their adapter slots
     all_rows: bool = False  # every batch row uses an adapter (rows is then 0..B-1)
     use_gather: bool = False
+    # Gathered per-row weights stay valid while the batch's slots and the resident adapters are unchanged
+    # (consecutive decode steps of the same batch): key = (row slots, version); version moves on any change.
+    version: int = 0
+    gather_key: tuple | None = None
 
     @contextmanager
     def activate(self, row_slots: list[int], device: torch.device | str = "cpu"):
@@ -66,6 +70,7 @@ class LoRAContext:
             self.rows = torch.tensor(rows, device=device)
             self.slots = torch.tensor([row_slots[row] for row in rows], device=device)
             self.all_rows = len(rows) == len(row_slots)
+            self.gather_key = (tuple(row_slots), self.version)
         try:
             yield
         finally:
@@ -83,6 +88,7 @@ class MultiLoRALinear(nn.Module):
         self.a_stack: Tensor | None = None  # (slots, rank, in)
         self.b_stack: Tensor | None = None  # (slots, out, rank), scaling folded in
         self.ranks: dict[int, int] = {}  # slot -> rank of the adapter resident there (absent: zeros)
+        self._gathered: tuple[tuple, Tensor, Tensor] | None = None  # (key, A^T (R, in, r), B^T (R, r, out))
 
     @property
     def weight(self) -> Tensor:
@@ -102,11 +108,23 @@ class MultiLoRALinear(nn.Module):
         self.a_stack[slot, :rank] = a
         self.b_stack[slot, :, :rank] = b
         self.ranks[slot] = rank
+        self.context.version += 1
 
     def remove_adapter(self, slot: int) -> None:
         if self.ranks.pop(slot, None) is not None:
             self.a_stack[slot].zero_()
             self.b_stack[slot].zero_()
+            self.context.version += 1
+
+    def _gather(self) -> tuple[Tensor, Tensor]:
+        """Each adapter row's A^T (R, in, r) and B^T (R, r, out), reused across steps with the same key."""
+        key = self.context.gather_key
+        if self._gathered is None or self._gathered[0] != key:
+            slots = self.context.slots
+            a_t = self.a_stack[slots].transpose(1, 2).contiguous()
+            b_t = self.b_stack[slots].transpose(1, 2).contiguous()
+            self._gathered = (key, a_t, b_t)
+        return self._gathered[1], self._gathered[2]
 
     def _reserve(self, slots: int, rank: int, like: Tensor) -> None:
         have_slots = 0 if self.a_stack is None else self.a_stack.shape[0]
@@ -129,11 +147,10 @@ class MultiLoRALinear(nn.Module):
         if not context.segments or not self.ranks:
             return y
         if context.use_gather:
-            a = self.a_stack[context.slots]  # (R, r, in)
-            b = self.b_stack[context.slots]  # (R, out, r)
+            a_t, b_t = self._gather()  # (R, in, r), (R, r, out)
             if context.all_rows:
-                return y + torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))  # (B, T, out)
-            delta = torch.bmm(torch.bmm(x[context.rows], a.transpose(1, 2)), b.transpose(1, 2))  # (R, T, out)
+                return y.baddbmm_(torch.bmm(x, a_t), b_t)  # (B, T, out)
+            delta = torch.bmm(torch.bmm(x[context.rows], a_t), b_t)  # (R, T, out)
             return y.index_add_(0, context.rows, delta)
         for segment in context.segments:
             rank = self.ranks.get(segment.slot)
