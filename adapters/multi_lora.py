@@ -1,6 +1,7 @@
 """Many LoRA adapters applied in one batch, unmerged (S-LoRA / Punica style).
 
-`attach(model)` swaps every projection that adapters may target (q, k, v, o, gate, up, down) for a
+`attach(model)` swaps every projection that adapters may target (q, k, v, o, gate, up, down, and the
+LM head, which small task adapters need to reach rare output tokens) for a
 `MultiLoRALinear` that keeps the base layer and the resident adapters' weights stacked by slot:
 A as (slots, rank, in) and B (scaling folded in) as (slots, out, rank), ranks zero-padded to the
 largest resident rank, which leaves every product exact. Before a forward, `LoRAContext.activate`
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-TARGETABLE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TARGETABLE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
 
 
 @dataclass
@@ -141,11 +142,18 @@ class MultiLoRALinear(nn.Module):
 
     # ---- forward ----
     def forward(self, x: Tensor) -> Tensor:
-        # x (B, T, in) -> (B, T, out)
+        # x (B, T, in) -> (B, T, out); or (B, in) -> (B, out) (the LM head at one position per row)
         y = self.base(x)
         context = self.context
         if not context.segments or not self.ranks:
             return y
+        if x.dim() == 2:
+            return self.forward_rows(x[:, None], y[:, None])[:, 0]
+        return self.forward_rows(x, y)
+
+    def forward_rows(self, x: Tensor, y: Tensor) -> Tensor:
+        """Add each row's adapter product to y. x (B, T, in), y (B, T, out) = base(x)."""
+        context = self.context
         if context.use_gather:
             a_t, b_t = self._gather()  # (R, in, r), (R, r, out)
             if context.all_rows:

@@ -41,6 +41,8 @@ def setup(tmp_path_factory):
         name: make_peft_adapter(root / "base", root / name, rank, seed=i)
         for i, (name, rank) in enumerate(RANKS.items())
     }
+    # A task adapter as training/ makes them: on the LM head too.
+    peft_models["head"] = make_peft_adapter(root / "base", root / "head", 4, seed=9, targets=["q_proj", "lm_head"])
     return root, peft_models
 
 
@@ -64,15 +66,16 @@ def test_mixed_adapter_batch_equals_peft_per_adapter(setup, kernel):
     model = load_model(root / "base")
     registry = AdapterRegistry("base", model)
     registry.context.kernel = kernel
-    for name in RANKS:
+    for name in [*RANKS, "head"]:
         registry.load(name, root / name)
     engine = Engine(EngineConfig())
     engine.add_model(ServedModel("base", model, tiny_tokenizer(), max_model_len=64, registry=registry))
     engine.start()
     gen = torch.Generator().manual_seed(5)
-    plan = ["a1", "a2", None, "a3", "a4", "a1", None, "a2"]  # 8 requests over 4 adapters + base
+    plan = ["a1", "a2", None, "a3", "a4", "a1", None, "head", "a2"]  # 9 requests over 5 adapters + base
     prompts = [
-        torch.randint(3, VOCAB, (int(n),), generator=gen).tolist() for n in torch.randint(3, 12, (8,), generator=gen)
+        torch.randint(3, VOCAB, (int(n),), generator=gen).tolist()
+        for n in torch.randint(3, 12, (len(plan),), generator=gen)
     ]
     results: dict[str, list[int]] = {}
     finished: set[str] = set()
