@@ -38,7 +38,7 @@ test: lint
 	$(PY) -m pytest
 
 bench: install
-	$(PY) -m service bench
+	$(PY) -m service bench --report
 
 loadtest: install
 	$(PY) -m loadtest --scenario $(SCENARIO) --host http://$(HOST):$(PORT) $(LOADTEST_ARGS)

@@ -34,7 +34,9 @@ def _serve(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from bench.run import run_benchmarks
 
-    return run_benchmarks(names=args.only, tiny=args.tiny, out_dir=args.out, report=args.report)
+    return run_benchmarks(
+        names=args.only, tiny=args.tiny, out_dir=args.out, report=args.report, claims_only=args.claims_only
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,7 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="run the side-by-side benchmarks into reports/")
     bench.add_argument("--only", action="append", default=None, help="benchmark name (repeatable)")
     bench.add_argument("--tiny", action="store_true", help="smallest sizes: proves the benchmark runs")
-    bench.add_argument("--report", action="store_true", help="also write reports/CLAIMS.md")
+    bench.add_argument("--report", action="store_true", help="run, then write CLAIMS.md (the claims report)")
+    bench.add_argument(
+        "--claims-only", action="store_true", help="run nothing; rewrite CLAIMS.md from the JSON already in --out"
+    )
     bench.add_argument("--out", default="reports")
     bench.set_defaults(func=_bench)
     return parser
