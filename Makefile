@@ -37,7 +37,7 @@ lint: install
 test: lint
 	$(PY) -m pytest
 
-bench: install
+bench: build
 	$(PY) -m service bench --report
 
 loadtest: install
