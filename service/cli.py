@@ -13,21 +13,15 @@ log = logging.getLogger("modelserve")
 
 
 def _build(args: argparse.Namespace) -> int:
-    try:
-        from training.build import build_zoo
-    except ImportError:
-        log.error("the model factory (training/) is not built yet: `modelserve build` is unavailable")
-        return 2
+    from training.build import build_zoo
+
     build_zoo(preset=args.preset, out_dir=args.out, force=args.force)
     return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
-    try:
-        from service.api.server import serve
-    except ImportError:
-        log.error("the HTTP service (service/api) is not built yet: `modelserve serve` is unavailable")
-        return 2
+    from service.api.server import serve
+
     return serve(args)
 
 
