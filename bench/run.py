@@ -30,6 +30,7 @@ BENCHMARKS: dict[str, str] = {
     "batching": "bench.batching",
     "decode": "bench.decode",
     "speculative": "bench.speculative",
+    "ray_scale": "bench.ray_scale",
     "exp_mup": "bench.experiments.mup",
     "exp_sam": "bench.experiments.sam",
     "exp_residual": "bench.experiments.residual",

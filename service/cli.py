@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default=None)
     serve.add_argument("--port", type=int, default=None)
     serve.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
+    serve.add_argument("--ray", action="store_true", help="run as a Ray Serve application (replicas, autoscaling)")
+    serve.add_argument("--ray-address", default=None, help="with --ray: the cluster to join (default: a local one)")
     serve.set_defaults(func=_serve)
 
     bench = sub.add_parser("bench", help="run the side-by-side benchmarks into reports/")

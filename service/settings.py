@@ -72,6 +72,20 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(None, ge=1)  # None: torch's default (all cores)
     gil_switch_interval_s: float = Field(0.001, gt=0)  # sys.setswitchinterval (Python's default: 0.005)
 
+    # ---- Ray Serve (`modelserve serve --ray`; see service/ray_app.py) ----
+    ray_address: str | None = None  # an existing cluster ("auto", "ray://head:10001"); None: start a local one
+    ray_num_replicas: int | None = Field(None, ge=1)  # fixed replica count; None: autoscale between min and max
+    ray_min_replicas: int = Field(1, ge=0)
+    ray_max_replicas: int = Field(4, ge=1)
+    ray_target_ongoing_requests: float = Field(8.0, gt=0)  # autoscaling target per replica
+    ray_max_ongoing_requests: int = Field(32, ge=1)  # sent to one replica at once (= max_batch_size by default)
+    ray_max_queued_requests: int = Field(64, ge=-1)  # waiting for a replica; more get 429 (-1: unbounded)
+    ray_replica_cpus: float = Field(1.0, gt=0)  # Ray CPUs reserved per replica (and its torch threads)
+    ray_max_adapters_per_replica: int = Field(8, ge=1)  # resident adapters per replica (LRU beyond)
+    ray_adapter_routing: bool = True  # prefer a replica where the request's adapter is resident
+    ray_health_check_period_s: float = Field(2.0, gt=0)
+    ray_metrics_host: str = "127.0.0.1"  # where each replica's own /metrics listens ("0.0.0.0" across nodes)
+
     @classmethod
     def load(cls, config_file: str | Path | None = None, **overrides: Any) -> Settings:
         """Settings from the environment, an optional JSON or .env file, and overrides (None values ignored)."""
