@@ -20,6 +20,10 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    if args.ray:
+        from service.ray_app import serve_ray
+
+        return serve_ray(args)
     from service.api.server import serve
 
     return serve(args)

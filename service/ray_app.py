@@ -408,19 +408,10 @@ def app_builder(args: dict[str, str]) -> serve.Application:
 
 def serve_ray(args: argparse.Namespace) -> int:
     """`modelserve serve --ray`: deploy on the Ray cluster at `ray_address` (or a local one) and block."""
-    from service.api.server import parse_pairs
+    from service.api.server import settings_from_args
 
     try:
-        settings = Settings.load(
-            getattr(args, "config", None),
-            host=args.host,
-            port=args.port,
-            device=args.device,
-            models=parse_pairs(args.model, "--model"),
-            adapters=parse_pairs(args.adapter, "--adapter"),
-            drafts=parse_pairs(getattr(args, "draft", None), "--draft"),
-            ray_address=getattr(args, "ray_address", None),
-        )
+        settings = settings_from_args(args, ray_address=getattr(args, "ray_address", None))
     except ValueError as exc:
         log.error("invalid settings: %s", exc)
         return 2

@@ -72,17 +72,23 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
+def settings_from_args(args: argparse.Namespace, **extra: object) -> Settings:
+    """Settings from `modelserve serve` flags over the --config file and the environment (ValueError if invalid)."""
+    return Settings.load(
+        getattr(args, "config", None),
+        host=args.host,
+        port=args.port,
+        device=args.device,
+        models=parse_pairs(args.model, "--model"),
+        adapters=parse_pairs(args.adapter, "--adapter"),
+        drafts=parse_pairs(getattr(args, "draft", None), "--draft"),
+        **extra,
+    )
+
+
 def serve(args: argparse.Namespace) -> int:
     try:
-        settings = Settings.load(
-            getattr(args, "config", None),
-            host=args.host,
-            port=args.port,
-            device=args.device,
-            models=parse_pairs(args.model, "--model"),
-            adapters=parse_pairs(args.adapter, "--adapter"),
-            drafts=parse_pairs(getattr(args, "draft", None), "--draft"),
-        )
+        settings = settings_from_args(args)
     except ValueError as exc:
         log.error("invalid settings: %s", exc)
         return 2
