@@ -171,8 +171,9 @@ class Engine:
 
     def _forget_finished(self, worker: ModelWorker) -> None:
         with self._lock:
-            for request_id in [rid for rid, seq in self._by_id.items() if seq.finished]:
-                del self._by_id[request_id]
+            for request_id in worker.finished_ids:
+                self._by_id.pop(request_id, None)
+        worker.finished_ids.clear()
 
 
 class RequestStream:

@@ -48,6 +48,7 @@ class ModelWorker:
         activate = served.registry.activate if served.registry is not None else None
         self.runner = ModelRunner(model, self.cache, activate, config.compile_decode)
         self.eos = set(served.eos_token_ids)
+        self.finished_ids: list[str] = []  # requests finished since the engine last collected them
         self.speculative: SpeculativeDecoder | None = None
         if served.draft_model is not None:
             if served.draft_model.config.vocab_size != model.config.vocab_size:
@@ -78,8 +79,9 @@ class ModelWorker:
             if row.sequence.slot is None:
                 row.sequence.slot = self.cache.allocate()
             row.sequence.mark_scheduled()
-        spec_rows = [r for r in rows if self._speculates(r)]
-        plain_rows = [r for r in rows if not self._speculates(r)]
+        speculates = [self._speculates(r) for r in rows]
+        spec_rows = [r for r, spec in zip(rows, speculates) if spec]
+        plain_rows = [r for r, spec in zip(rows, speculates) if not spec]
         stats = StepStats(
             model=self.served.name,
             num_sequences=len(rows),
@@ -162,6 +164,7 @@ class ModelWorker:
         self, seq: Sequence, reason: str, token_ids: list[int] | None = None, text: str = "", error: str | None = None
     ) -> None:
         self.scheduler.remove(seq)
+        self.finished_ids.append(seq.request_id)
         if seq.slot is not None:
             self.cache.free(seq.slot)
             seq.slot = None
