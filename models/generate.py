@@ -2,7 +2,7 @@
 
 Prefills every prompt in one cached forward, then decodes all unfinished sequences together, each at
 its own position. Greedy when temperature is 0; otherwise temperature, top-k and top-p sampling from a
-seeded generator.
+seeded generator, through the shared sampler (`models.sampling`).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from torch import Tensor
 from models.attention import AttentionMetadata
 from models.decoder import CausalLM
 from models.kv_cache import KVCache
+from models.sampling import is_greedy, sample_tokens
 
 
 @dataclass
@@ -27,27 +28,15 @@ class SamplingConfig:
     eos_token_ids: tuple[int, ...] = ()
 
 
-def filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
-    """Mask logits outside the top-k and the top-p nucleus with -inf. logits (B, V) float."""
-    if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-        drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= top_p  # keep the token that crosses top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    return logits
-
-
 def sample_next(logits: Tensor, config: SamplingConfig, generator: torch.Generator | None) -> Tensor:
-    """logits (B, V) -> next token ids (B,)."""
-    if config.temperature <= 0:
+    """logits (B, V) -> next token ids (B,), through the shared sampler (models/sampling.py)."""
+    if is_greedy(config.temperature, config.top_k):
         return logits.argmax(dim=-1)
-    scaled = filter_logits(logits.float() / config.temperature, config.top_k, config.top_p)
-    probs = torch.softmax(scaled, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    rows = len(logits)
+    ids = sample_tokens(
+        logits, [config.temperature] * rows, [config.top_k] * rows, [config.top_p] * rows, [generator] * rows
+    )
+    return torch.tensor(ids, device=logits.device)
 
 
 @torch.inference_mode()

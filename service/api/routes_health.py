@@ -1,7 +1,9 @@
 """Operational routes: `GET /health` (process alive), `GET /ready` (can serve now), `GET /metrics`.
 
 Open unless `protect_ops_endpoints` is set. `/ready` is 503 while models load, while draining after
-SIGTERM, and when the engine loop has died; `/health` stays 200 as long as the process answers.
+SIGTERM, and when the engine loop has died. `/health` means "the process and its engine loop are
+alive": 200 while loading and draining, 503 once the engine is dead (too many failed steps in a row,
+see service/engine/engine.py), so a liveness probe restarts the process.
 """
 
 from __future__ import annotations
@@ -16,10 +18,14 @@ from service.api.schemas import HealthResponse
 router = APIRouter(tags=["operations"])
 
 
-@router.get("/health", response_model=HealthResponse)
-async def health(_: OpsAuth) -> HealthResponse:
-    """200 while the process is alive."""
-    return HealthResponse(status="ok")
+@router.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
+async def health(state: State, _: OpsAuth):
+    """200 while the process and its engine loop are alive; 503 once the engine loop is dead."""
+    engine = state.engine
+    if engine is None or engine.alive:
+        return HealthResponse(status="ok")
+    body = HealthResponse(status="engine dead", detail=f"the engine loop is not running: {engine.error!r}")
+    return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": str(state.settings.retry_after_s)})
 
 
 @router.get("/ready", response_model=HealthResponse, responses={503: {"model": HealthResponse}})

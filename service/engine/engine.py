@@ -2,8 +2,13 @@
 
 The HTTP layer calls `submit` (or the async `stream`) from the event loop; the loop thread admits,
 batches and decodes, and sends `TokenEvent`s back through each request's callback. The loop runs off
-the event loop so the API stays responsive; if it dies, `alive` turns False and every pending request
-ends with an error, so readiness can tell.
+the event loop so the API stays responsive.
+
+Failure isolation: a failed step fails only its own requests (see worker.py) and the loop goes on;
+only `max_consecutive_step_failures` failed steps in a row mark the engine dead. Then `alive` turns
+False (readiness and liveness report it), every pending request ends with an error, and a submission
+racing the death is refused at once (both happen under the same lock). `abandon` ends a request from
+the caller's side when the loop cannot (dead or stuck), so no request can hang.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from service.engine.sampler import RequestGenerator
 from service.engine.scheduler import SchedulerConfig
 from service.engine.sequence import Sequence
 from service.engine.types import (
+    FINISH_ABORT,
     FINISH_ERROR,
     EngineUnavailableError,
     GenerationRequest,
@@ -37,6 +43,9 @@ log = logging.getLogger(__name__)
 class EngineConfig:
     scheduler: SchedulerConfig = SchedulerConfig()
     idle_wait_seconds: float = 0.05  # how long the loop sleeps when no model has work (woken by submissions)
+    # Failed steps in a row after which the engine is declared dead (a fault that keeps recurring is not
+    # one bad request: let the liveness probe restart the process).
+    max_consecutive_step_failures: int = 3
 
 
 class Engine:
@@ -51,6 +60,7 @@ class Engine:
         self._stopping = False
         self.accepting = True
         self.error: BaseException | None = None
+        self.consecutive_failures = 0
 
     # ---- set-up ----
     def add_model(self, served: ServedModel) -> None:
@@ -105,6 +115,10 @@ class Engine:
         if request.adapter is not None and not worker.served.registry.acquire(request.adapter):
             raise UnknownModelError(f"adapter {request.adapter!r} was unloaded")
         with self._lock:
+            if self.error is not None or self._stopping:  # the loop died or stopped while we prepared
+                if request.adapter is not None:
+                    worker.served.registry.release(request.adapter)
+                raise EngineUnavailableError("the engine is not accepting requests (stopped or failed)")
             waiting = len(worker.scheduler.waiting) + sum(1 for name, _ in self._inbox if name == request.model)
             if waiting >= self.config.scheduler.max_waiting:
                 if request.adapter is not None:
@@ -119,11 +133,23 @@ class Engine:
         return seq
 
     def cancel(self, request_id: str) -> None:
+        """Ask the loop to abort a request at the next step boundary; ends it at once when the loop is gone."""
         with self._lock:
             seq = self._by_id.get(request_id)
-            if seq is not None:
-                seq.cancelled = True
-                self._lock.notify_all()
+            if seq is None:
+                return
+            seq.cancelled = True
+            self._lock.notify_all()
+        if not self.alive:
+            self.abandon(request_id)
+
+    def abandon(self, request_id: str) -> None:
+        """End a request from the caller's side with `abort` (the loop is dead or stuck); idempotent."""
+        with self._lock:
+            seq = self._by_id.pop(request_id, None)
+        if seq is not None:
+            seq.cancelled = True
+            seq.emit([], "", finish_reason=FINISH_ABORT, error="the engine did not end the request in time")
 
     def open_stream(self, request: GenerationRequest) -> RequestStream:
         """Submit now (raising EngineError for requests that cannot run) and return the event stream.
@@ -143,31 +169,70 @@ class Engine:
     # ---- the loop ----
     def _run(self) -> None:
         try:
-            while True:
-                with self._lock:
-                    while not self._stopping and not self._inbox and not any(w.has_work for w in self.workers.values()):
-                        self._lock.wait(self.config.idle_wait_seconds)
-                    if self._stopping:
-                        return
-                    for name, seq in self._inbox:
-                        self.workers[name].scheduler.waiting.append(seq)
-                    self._inbox.clear()
-                for worker in self.workers.values():
-                    if worker.has_work:
-                        stats = worker.step()
-                        self._forget_finished(worker)
-                        if self.on_step is not None:
-                            self.on_step(stats)
-        except BaseException as exc:  # the loop must never die silently: readiness reads self.error
+            while self._step_all():
+                pass
+        except BaseException as exc:  # the loop must never die silently: readiness and liveness read self.error
             log.exception("engine loop died")
+            self._die(exc)
+            return
+        self._end_all(FINISH_ABORT, "the server is shutting down")
+
+    def _step_all(self) -> bool:
+        """Move submissions into the schedulers and step every model with work; False when stopping."""
+        with self._lock:
+            while not self._stopping and not self._inbox and not any(w.has_work for w in self.workers.values()):
+                self._lock.wait(self.config.idle_wait_seconds)
+            if self._stopping:
+                return False
+            for name, seq in self._inbox:
+                self.workers[name].scheduler.waiting.append(seq)
+            self._inbox.clear()
+        for worker in self.workers.values():
+            if not worker.has_work:
+                continue
+            stats = worker.step()
+            self._forget_finished(worker)
+            self._count_failure(stats)
+            if self.on_step is not None:
+                try:
+                    self.on_step(stats)
+                except Exception:  # metrics must never stop serving
+                    log.exception("the step-stats callback failed")
+        return True
+
+    def _count_failure(self, stats: StepStats) -> None:
+        if stats.error is None:
+            self.consecutive_failures = 0
+            return
+        self.consecutive_failures += 1
+        if self.consecutive_failures >= self.config.max_consecutive_step_failures:
+            raise RuntimeError(
+                f"{self.consecutive_failures} engine steps failed in a row (max_consecutive_step_failures="
+                f"{self.config.max_consecutive_step_failures}); last: {stats.error}"
+            )
+
+    def _die(self, exc: BaseException) -> None:
+        with self._lock:  # submissions check self.error under this lock: none can slip in after this
             self.error = exc
-            with self._lock:
-                for name, seq in self._inbox:
-                    self.workers[name].scheduler.waiting.append(seq)
-                self._inbox.clear()
-            for worker in self.workers.values():
-                worker.fail_all(FINISH_ERROR, f"engine failure: {exc!r}")
-            self._by_id.clear()
+        self._end_all(FINISH_ERROR, f"engine failure: {exc!r}")
+
+    def _end_all(self, reason: str, message: str) -> None:
+        """End every request still known to the engine (queued, waiting or running)."""
+        with self._lock:
+            self._stopping = self._stopping or self.error is not None
+            for name, seq in self._inbox:
+                self.workers[name].scheduler.waiting.append(seq)
+            self._inbox.clear()
+        for worker in self.workers.values():
+            try:
+                worker.fail_all(reason, message)
+            except Exception:
+                log.exception("could not end the requests of model %s", worker.served.name)
+            self._forget_finished(worker)
+        with self._lock:
+            leftover = list(self._by_id)
+        for request_id in leftover:
+            self.abandon(request_id)
 
     def _forget_finished(self, worker: ModelWorker) -> None:
         with self._lock:

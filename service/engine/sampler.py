@@ -1,7 +1,7 @@
-"""Per-request sampling over a batch of logits: greedy, temperature, top-k, top-p, seed.
+"""The engine's side of sampling: each request's random stream, and a batch of rows to the shared sampler.
 
-Greedy rows are one argmax over the batch. Sampled rows are filtered together, then each draws from
-its own generator, so a seeded request gets the same tokens whatever else shares its batch.
+The sampling itself (greedy, temperature, top-k, top-p, robust to extreme values) lives in
+`models.sampling`, shared with `models.generate` and speculative decoding.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from models.generate import filter_logits
+from models.sampling import sample_tokens
 from service.engine.types import SamplingParams
 
 
@@ -22,20 +22,11 @@ class RequestGenerator:
 
 
 def sample(logits: Tensor, params: list[SamplingParams], generators: list[RequestGenerator | None]) -> list[int]:
-    """logits (B, V) -> one token id per row."""
-    logits = logits.float()
-    chosen = logits.argmax(dim=-1)  # (B,)
-    sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
-    if not sampled_rows:
-        return chosen.tolist()
-    rows = torch.tensor(sampled_rows, device=logits.device)
-    temperature = torch.tensor([params[i].temperature for i in sampled_rows], device=logits.device)
-    scaled = logits[rows] / temperature[:, None]  # (S, V)
-    for j, i in enumerate(sampled_rows):
-        if params[i].top_k or params[i].top_p < 1.0:
-            scaled[j] = filter_logits(scaled[j : j + 1], params[i].top_k, params[i].top_p)[0]
-    probs = torch.softmax(scaled, dim=-1).cpu()  # (S, V)
-    for j, i in enumerate(sampled_rows):
-        generator = generators[i].generator if generators[i] is not None else None
-        chosen[i] = torch.multinomial(probs[j], 1, generator=generator)[0]
-    return chosen.tolist()
+    """logits (B, V) of finite rows -> one token id per row."""
+    return sample_tokens(
+        logits,
+        [p.temperature for p in params],
+        [p.top_k for p in params],
+        [p.top_p for p in params],
+        [g.generator if g is not None else None for g in generators],
+    )

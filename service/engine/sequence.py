@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,7 +27,9 @@ class Sequence:
     first_scheduled: float | None = None
     first_token: float | None = None
     cancelled: bool = False  # set by any thread; acted on at the next step boundary
-    finished: bool = False
+    finished: bool = False  # the final event was emitted (by the engine, or by `Engine.abandon`)
+    released: bool = False  # the worker freed its KV slot, adapter and draft state (engine thread only)
+    _emit_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def request_id(self) -> str:
@@ -54,26 +57,30 @@ class Sequence:
             self.first_scheduled = time.monotonic()
 
     def emit(self, token_ids: list[int], text: str, finish_reason: str | None = None, error: str | None = None) -> None:
-        now = time.monotonic()
-        if token_ids and self.first_token is None:
-            self.first_token = now
-        event = TokenEvent(
-            request_id=self.request_id,
-            token_ids=token_ids,
-            text=text,
-            finish_reason=finish_reason,
-            prompt_tokens=self.prompt_len,
-            completion_tokens=len(self.output_ids),
-            error=error,
-            token_times=[now] * len(token_ids),
-        )
-        if finish_reason is not None:
-            self.finished = True
-            arrival = self.request.arrival_time
-            event.queue_time = (self.first_scheduled or now) - arrival
-            event.time_to_first_token = None if self.first_token is None else self.first_token - arrival
-        try:
-            self.on_event(event)
-        except Exception:  # the receiver is gone (closed event loop, dropped client): stop generating for it
-            log.debug("event receiver of %s failed; cancelling", self.request_id, exc_info=True)
-            self.cancelled = True
+        """Deliver one event; nothing after the final one (the engine and `abandon` may race to end it)."""
+        with self._emit_lock:
+            if self.finished:
+                return
+            now = time.monotonic()
+            if token_ids and self.first_token is None:
+                self.first_token = now
+            event = TokenEvent(
+                request_id=self.request_id,
+                token_ids=token_ids,
+                text=text,
+                finish_reason=finish_reason,
+                prompt_tokens=self.prompt_len,
+                completion_tokens=len(self.output_ids),
+                error=error,
+                token_times=[now] * len(token_ids),
+            )
+            if finish_reason is not None:
+                self.finished = True
+                arrival = self.request.arrival_time
+                event.queue_time = (self.first_scheduled or now) - arrival
+                event.time_to_first_token = None if self.first_token is None else self.first_token - arrival
+            try:
+                self.on_event(event)
+            except Exception:  # the receiver is gone (closed event loop, dropped client): stop generating for it
+                log.debug("event receiver of %s failed; cancelling", self.request_id, exc_info=True)
+                self.cancelled = True

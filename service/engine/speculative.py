@@ -7,6 +7,9 @@ the standard rule (Leviathan et al. 2023; Chen et al. 2023): accept d_i with pro
 min(1, p(d_i) / q(d_i)), on rejection draw from norm(max(0, p - q)), and after k acceptances draw a
 bonus token from p_{k+1}; the output then follows the target's distribution exactly.
 
+A draft whose logits are not finite proposes from a uniform distribution (the target still decides,
+so the output distribution stays exact); the target's own non-finite rows are failed by the worker.
+
 KV caches need no copying on rejection: a sequence's cached-token count is cut back, the stale
 entries past it are masked out and later overwritten.
 """
@@ -18,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from models.generate import filter_logits
+from models import sampling
 from models.kv_cache import KVCache
 from service.engine.runner import ModelRunner
 from service.engine.sequence import Sequence
@@ -43,12 +46,8 @@ class RoundResult:
 
 
 def probabilities(logits: Tensor, params: SamplingParams) -> Tensor:
-    """The sampling distribution a request uses, from raw logits (..., V)."""
-    scaled = logits.float() / params.temperature
-    flat = scaled.reshape(-1, scaled.shape[-1])
-    if params.top_k or params.top_p < 1.0:
-        flat = filter_logits(flat, params.top_k, params.top_p)
-    return torch.softmax(flat, dim=-1).reshape(scaled.shape)
+    """The sampling distribution a request uses, from raw finite logits (..., V)."""
+    return sampling.probabilities(logits, params.temperature, params.top_k, params.top_p)
 
 
 @dataclass
@@ -82,14 +81,16 @@ class SpeculativeDecoder:
         q_rows: list[list[Tensor]] = [[] for _ in seqs]
         for _ in range(k):
             logits, _ = self.draft.forward(feed, [st.slot for st in states], [st.num_computed for st in states])
+            broken = sampling.nonfinite_rows(logits)  # (B,)
             for i, (seq, st) in enumerate(zip(seqs, states)):
                 st.num_computed += len(feed[i])
                 params = seq.request.params
+                row = torch.zeros_like(logits[i]) if broken[i] else logits[i]  # a broken draft proposes uniformly
                 if params.greedy:
-                    token = int(logits[i].argmax())
+                    token = int(row.argmax())
                 else:
-                    q = probabilities(logits[i], params)  # (V,)
-                    token = int(torch.multinomial(q, 1, generator=seq.generator.generator))
+                    q = probabilities(row, params)  # (V,)
+                    token = sampling.draw(q, seq.generator.generator)
                     q_rows[i].append(q)
                 drafts[i].append(token)
             feed = [[d[-1]] for d in drafts]
@@ -116,8 +117,8 @@ class SpeculativeDecoder:
                 continue
             residual = (p[i] - q[i]).clamp_min(0.0)
             residual = residual / residual.sum() if residual.sum() > 0 else p[i]
-            return self._finish_round(seq, new, int(torch.multinomial(residual, 1, generator=generator)))
-        bonus = int(torch.multinomial(p[len(drafts)], 1, generator=generator))
+            return self._finish_round(seq, new, sampling.draw(residual, generator))
+        bonus = sampling.draw(p[len(drafts)], generator)
         return self._finish_round(seq, new, bonus)
 
     def _finish_round(self, seq: Sequence, accepted: list[int], token: int) -> RoundResult:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from models.sampling import is_greedy
+
 FINISH_STOP, FINISH_LENGTH, FINISH_ABORT, FINISH_ERROR = "stop", "length", "abort", "error"
 
 
@@ -41,7 +43,7 @@ class EngineUnavailableError(EngineError):
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 16
-    temperature: float = 1.0  # 0: greedy
+    temperature: float = 1.0  # below models.sampling.GREEDY_TEMPERATURE (1e-5, 0 included): greedy
     top_p: float = 1.0
     top_k: int = 0  # 0: off
     seed: int | None = None  # a seeded request samples the same tokens whatever it is batched with
@@ -50,7 +52,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0.0 or self.top_k == 1
+        return is_greedy(self.temperature, self.top_k)
 
 
 @dataclass
@@ -95,3 +97,4 @@ class StepStats:
     expert_tokens: list[list[int]] | None = None  # (layers, experts) tokens routed this step; MoE only
     spec_draft_tokens: int = 0
     spec_accepted_tokens: int = 0
+    error: str | None = None  # the exception that failed this step (its requests ended with an error)

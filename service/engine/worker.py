@@ -2,11 +2,14 @@
 
 A step: drop cancelled sequences, schedule, run the forwards, sample, detokenize, emit events,
 finish sequences (stop, EOS, max_tokens, context full) and free their KV slots, and return the
-step's stats.
+step's stats. Faults stay with the requests they touch: a row whose logits are not finite fails
+alone, and an exception anywhere in a step fails that step's requests (their KV slots freed) and is
+reported in the stats, so the engine decides whether to go on.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -15,13 +18,17 @@ import torch
 from adapters.registry import AdapterRegistry
 from models.decoder import CausalLM
 from models.kv_cache import KVCache
+from models.sampling import nonfinite_rows
 from models.tokenizer import TextTokenizer
 from service.engine.runner import ModelRunner
 from service.engine.sampler import sample
 from service.engine.scheduler import ScheduledRow, Scheduler, SchedulerConfig
 from service.engine.sequence import Sequence
 from service.engine.speculative import SpeculativeConfig, SpeculativeDecoder
-from service.engine.types import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, StepStats
+from service.engine.types import FINISH_ABORT, FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, StepStats
+
+log = logging.getLogger(__name__)
+NONFINITE_MESSAGE = "the model produced non-finite values (NaN or inf) in its logits for this request"
 
 
 @dataclass
@@ -72,9 +79,29 @@ class ModelWorker:
         return held / (self.cache.num_slots * self.cache.max_seq_len)
 
     def step(self) -> StepStats:
+        """One step; an exception fails the requests of this step (KV freed) and is reported in `stats.error`."""
         started = time.monotonic()
-        self._drop_cancelled()
-        rows = self.scheduler.schedule(self.cache.num_free)
+        stats = StepStats(self.served.name, 0, 0, 0, 0, 0.0, 0.0)
+        rows: list[ScheduledRow] = []
+        try:
+            self._drop_cancelled()
+            rows = self.scheduler.schedule(self.cache.num_free)
+            self._run_rows(rows, stats)
+        except Exception as exc:  # isolate the failure: this step's requests end, the engine goes on
+            log.exception("engine step of model %s failed; failing its %d request(s)", self.served.name, len(rows))
+            stats.error = f"{type(exc).__name__}: {exc}"
+            for row in rows:
+                try:
+                    self.finish(row.sequence, FINISH_ERROR, error=f"engine step failed: {stats.error}")
+                except Exception:  # finishing must not stop the others from finishing
+                    log.exception("could not finish request %s after a failed step", row.sequence.request_id)
+        stats.num_running = len(self.scheduler.running)
+        stats.num_waiting = len(self.scheduler.waiting)
+        stats.kv_cache_usage = self.kv_usage()
+        stats.step_seconds = time.monotonic() - started
+        return stats
+
+    def _run_rows(self, rows: list[ScheduledRow], stats: StepStats) -> None:
         for row in rows:
             if row.sequence.slot is None:
                 row.sequence.slot = self.cache.allocate()
@@ -82,16 +109,8 @@ class ModelWorker:
         speculates = [self._speculates(r) for r in rows]
         spec_rows = [r for r, spec in zip(rows, speculates) if spec]
         plain_rows = [r for r, spec in zip(rows, speculates) if not spec]
-        stats = StepStats(
-            model=self.served.name,
-            num_sequences=len(rows),
-            num_tokens=0,
-            num_running=0,
-            num_waiting=0,
-            kv_cache_usage=0.0,
-            step_seconds=0.0,
-            adapters=[r.sequence.request.adapter for r in rows],
-        )
+        stats.num_sequences = len(rows)
+        stats.adapters = [r.sequence.request.adapter for r in rows]
         expert_tokens = None
         if plain_rows:
             output = self.runner.run(plain_rows)
@@ -102,6 +121,8 @@ class ModelWorker:
             seqs = [r.sequence for r in plain_rows if r.needs_sample]
             if seqs:
                 logits = torch.stack([output.logits[id(s)] for s in seqs])  # (S, V)
+                broken = nonfinite_rows(logits).tolist()  # (S,)
+                seqs, logits = self._fail_nonfinite(seqs, logits, broken)
                 next_ids = sample(logits, [s.request.params for s in seqs], [s.generator for s in seqs])
                 for seq, token in zip(seqs, next_ids):
                     self._append(seq, token)
@@ -110,11 +131,18 @@ class ModelWorker:
             if counts is not None:
                 expert_tokens = counts if expert_tokens is None else expert_tokens + counts
         stats.expert_tokens = expert_tokens.tolist() if expert_tokens is not None else None
-        stats.num_running = len(self.scheduler.running)
-        stats.num_waiting = len(self.scheduler.waiting)
-        stats.kv_cache_usage = self.kv_usage()
-        stats.step_seconds = time.monotonic() - started
-        return stats
+
+    def _fail_nonfinite(
+        self, seqs: list[Sequence], logits: torch.Tensor, broken: list[bool]
+    ) -> tuple[list[Sequence], torch.Tensor]:
+        """Fail the rows whose logits are not finite (that request alone); the others go on. logits (S, V)."""
+        if not any(broken):
+            return seqs, logits
+        for seq, bad in zip(seqs, broken):
+            if bad:
+                self.finish(seq, FINISH_ERROR, error=NONFINITE_MESSAGE)
+        keep = [i for i, bad in enumerate(broken) if not bad]
+        return [seqs[i] for i in keep], logits[keep]
 
     def _speculates(self, row: ScheduledRow) -> bool:
         """Decode rows of a model with a draft, while k drafts still fit the sequence's KV cache."""
@@ -135,7 +163,11 @@ class ModelWorker:
             all_positions=True,
         )  # (B, k+1, V)
         for i, (row, seq) in enumerate(zip(rows, seqs)):
-            result = spec.accept(seq, drafts[i], logits[i, : len(drafts[i]) + 1], draft_probs[i])
+            verified = logits[i, : len(drafts[i]) + 1]  # (k+1, V)
+            if bool(nonfinite_rows(verified).any()):
+                self.finish(seq, FINISH_ERROR, error=NONFINITE_MESSAGE)
+                continue
+            result = spec.accept(seq, drafts[i], verified, draft_probs[i])
             seq.num_computed = row.context_len + 1 + result.num_accepted
             stats.num_tokens += len(row.tokens) + len(drafts[i])
             stats.spec_draft_tokens += len(drafts[i])
@@ -163,6 +195,9 @@ class ModelWorker:
     def finish(
         self, seq: Sequence, reason: str, token_ids: list[int] | None = None, text: str = "", error: str | None = None
     ) -> None:
+        if seq.released:  # already ended (e.g. a step failing after the sequence stopped)
+            return
+        seq.released = True
         self.scheduler.remove(seq)
         self.finished_ids.append(seq.request_id)
         if seq.slot is not None:

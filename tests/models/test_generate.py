@@ -8,7 +8,7 @@ import torch
 
 from models import ModelConfig, SamplingConfig, generate
 from models.decoder import CausalLM
-from models.generate import filter_logits
+from models.sampling import filter_logits
 
 
 def test_top_k_keeps_the_k_largest():

@@ -11,6 +11,7 @@ from models import SamplingConfig, generate
 from service.engine import (
     Engine,
     EngineConfig,
+    EngineUnavailableError,
     GenerationRequest,
     QueueFullError,
     RequestTooLargeError,
@@ -160,20 +161,25 @@ def test_cancelled_stream_frees_its_slot(tokenizer):
 
 
 def test_engine_death_is_visible_and_fails_pending_requests(tokenizer):
-    engine = make_engine(tokenizer)
+    """Failed steps in a row (max_consecutive_step_failures) kill the engine; later submissions are refused."""
+    engine = Engine(EngineConfig(max_consecutive_step_failures=2))
+    engine.add_model(ServedModel("tiny", tiny_model(tokenizer.vocab_size), tokenizer, max_model_len=128))
+    engine.start()
     worker = engine.workers["tiny"]
 
     def explode(rows):
         raise RuntimeError("boom")
 
     worker.runner.run = explode
-    events = []
-    finished = threading.Event()
-    engine.submit(
-        GenerationRequest("d", "tiny", [5, 6], SamplingParams(max_tokens=4)),
-        lambda e: (events.append(e), finished.set() if e.finish_reason else None),
-    )
-    assert finished.wait(10)
-    assert events[-1].finish_reason == "error" and "boom" in events[-1].error
-    assert not engine.alive
+    for i in range(2):  # one request at a time: two failed steps in a row
+        assert engine.alive
+        events = run_all(engine, [GenerationRequest(f"d{i}", "tiny", [5, 6], SamplingParams(max_tokens=4))])
+        assert events[f"d{i}"][-1].finish_reason == "error" and "boom" in events[f"d{i}"][-1].error
+    for _ in range(100):
+        if not engine.alive:
+            break
+        threading.Event().wait(0.02)
+    assert not engine.alive and "2 engine steps failed in a row" in str(engine.error)
+    with pytest.raises(EngineUnavailableError):
+        engine.submit(GenerationRequest("late", "tiny", [5], SamplingParams(max_tokens=2)), lambda e: None)
     engine.stop()
