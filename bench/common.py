@@ -11,6 +11,8 @@ memory the operation holds at each instant; its maximum is the peak. Inputs allo
 call are not counted; the output is (it is memory the operation needs). Memory held by non-torch
 code (Python objects, BLAS scratch outside the allocator) is not seen.
 
+Servers: `start_service` runs `modelserve serve` in a subprocess for the benchmarks that go through HTTP.
+
 Reports: `write_report` writes `<out>/<name>.json` (rows, metadata and machine information),
 `<out>/<name>.md` (a markdown table) and `<out>/<name>.png` (a matplotlib figure, Agg canvas).
 """
@@ -20,7 +22,9 @@ from __future__ import annotations
 import json
 import os
 import platform
+import socket
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -29,10 +33,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import httpx
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+ROOT = Path(__file__).resolve().parents[1]  # the repository: where `python -m service` runs
 MEMORY_EVENT = "[memory]"  # name the profiler gives its allocation records
 
 
@@ -74,6 +80,43 @@ def profile_memory(fn: Callable[[], object]) -> MemoryProfile:
         peak = max(peak, held)
     ops = frozenset(event.name for event in prof.events() if event.name.startswith("aten::"))
     return MemoryProfile(peak_bytes=peak, ops=ops)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a benchmark's server subprocess)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_service(
+    workdir: Path, settings: dict[str, Any], args: list[str], timeout: float
+) -> tuple[subprocess.Popen, str, Path]:
+    """`python -m service serve` on 127.0.0.1 and a free port, once `/ready` answers 200.
+
+    Settings go through a JSON `--config` file in workdir (None values left out), so nothing is passed
+    in environment variables; `args` are more `serve` flags (`--model`, `--adapter`, `--device`).
+    Output goes to workdir/server-<port>.log. Returns (process, base URL, log path).
+    """
+    port = free_port()
+    config = workdir / f"settings-{port}.json"
+    config.write_text(json.dumps({k: v for k, v in settings.items() if v is not None}))
+    argv = [sys.executable, "-m", "service", "serve", "--config", str(config), "--host", "127.0.0.1"]
+    log_path, url = workdir / f"server-{port}.log", f"http://127.0.0.1:{port}"
+    with log_path.open("w") as log_file:
+        process = subprocess.Popen([*argv, "--port", str(port), *args], cwd=ROOT, stdout=log_file, stderr=log_file)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited {process.returncode}: {log_path.read_text()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return process, url, log_path
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    process.kill()
+    raise RuntimeError(f"server not ready in {timeout:.0f} s: {log_path.read_text()[-2000:]}")
 
 
 def machine_info() -> dict[str, Any]:

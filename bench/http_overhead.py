@@ -19,12 +19,9 @@ forwards); it is kept small so the difference is not lost in the noise of the fo
 from __future__ import annotations
 
 import logging
-import os
 import signal
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -37,7 +34,7 @@ import torch
 from matplotlib.figure import Figure
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from bench.common import write_report
+from bench.common import start_service, write_report
 from models import ModelConfig, save_model
 from models.decoder import CausalLM
 from models.tokenizer import TextTokenizer
@@ -88,28 +85,10 @@ def build_model_dir(directory: Path, config: HttpOverheadConfig) -> None:
     text_tokenizer.save(directory)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server(model_dir: Path, port: int, timeout: float) -> subprocess.Popen:
-    env = {**os.environ, "MODELSERVE_TORCH_THREADS": "1", "MODELSERVE_LOG_LEVEL": "warning"}
-    argv = [sys.executable, "-m", "service", "serve", "--model", f"bench={model_dir}", "--port", str(port)]
-    process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited {process.returncode}: {process.stderr.read().decode()[-2000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
-                return process
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    process.kill()
-    raise RuntimeError("server did not become ready")
+def start_server(model_dir: Path, workdir: Path, timeout: float) -> tuple[subprocess.Popen, str]:
+    settings = {"torch_threads": 1, "log_level": "warning"}
+    process, url, _ = start_service(workdir, settings, ["--model", f"bench={model_dir}"], timeout)
+    return process, url
 
 
 def engine_call(engine: Engine, tokenizer: TextTokenizer, params: SamplingParams):
@@ -188,8 +167,7 @@ def run(tiny: bool, out_dir: str | Path) -> dict[str, Path]:
     with tempfile.TemporaryDirectory(prefix="http_overhead_") as tmp:
         model_dir = Path(tmp) / "bench"
         build_model_dir(model_dir, config)
-        port = free_port()
-        server = start_server(model_dir, port, config.startup_timeout_s)
+        server, url = start_server(model_dir, Path(tmp), config.startup_timeout_s)
         settings = Settings(models={"bench": model_dir})  # the server's defaults: same registry, cache, batch
         served = load_served_model("bench", model_dir, settings, "cpu", "float32").served
         tokenizer = served.tokenizer
@@ -199,7 +177,7 @@ def run(tiny: bool, out_dir: str | Path) -> dict[str, Path]:
         engine.start()
         try:
             params = SamplingParams(max_tokens=config.max_tokens, temperature=0.0, ignore_eos=True)
-            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            with httpx.Client(base_url=url, timeout=60) as client:
                 plain, stream = http_calls(client, config)
                 engine_fn = engine_call(engine, tokenizer, params)
                 same_text = engine_fn() == plain()

@@ -31,6 +31,7 @@ BENCHMARKS: dict[str, str] = {
     "decode": "bench.decode",
     "speculative": "bench.speculative",
     "ray_scale": "bench.ray_scale",
+    "soak": "bench.soak",
     "exp_mup": "bench.experiments.mup",
     "exp_sam": "bench.experiments.sam",
     "exp_residual": "bench.experiments.residual",

@@ -15,6 +15,10 @@ Stages, in order (each skipped when its directory already has a card.json, unles
    ``student-lower`` (tasks, exact match, prompt formats in `training.tasks`), ``student-code``
    (code domain) and ``moe-english`` (English domain), both measured in held-out bits per byte.
 
+Stages 2-6 are declared once, as rows of `MODEL_STAGES` (shape, preset stage, teacher, control of which
+model), all trained by `train_model`; adapters are `train_adapter`, one per `AdapterJob`. What every
+stage shares (tokenized data, configs, loss callables, export) is in `training.build_context`.
+
 Every model directory holds config.json, model.safetensors, tokenizer.json, tokenizer_config.json,
 generation_config.json, README.md and card.json. Training logs and resumable checkpoints go to
 ``_runs/<name>/``. The summary is ``zoo.json`` and ``zoo.md``. Served models: teacher, student, moe.
@@ -26,191 +30,116 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
-from torch import Tensor
 
-from models.checkpoint import load_model, save_model
-from models.config import ModelConfig
+from models.checkpoint import load_model
 from models.decoder import CausalLM
-from models.tokenizer import TextTokenizer
 from training import data, evaluate, tasks
+from training.build_context import (
+    Context,
+    export,
+    kd_loss_fn,
+    lm_loss_fn,
+    lm_metrics,
+    make_context,
+    model_config,
+    train_config,
+)
 from training.cards import read_card, write_card
-from training.loop import RunRecord, TrainConfig, resolve_device, train
+from training.loop import RunRecord, train
 from training.lora import LoraSpec, apply_lora, save_adapter
-from training.losses import causal_lm_loss, kd_loss, moe_aux_losses
-from training.mup import fold_for_export, mup_config, mup_init, width_mult
-from training.optim import OptimConfig
+from training.mup import mup_config, mup_init, width_mult
 from training.presets import AdapterJob, Preset, Shape, Stage, get_preset
 
 log = logging.getLogger(__name__)
 SERVED = ("teacher", "student", "moe")
 
 
-@dataclass
-class Context:
-    preset: Preset
-    out: Path
-    tokenizer: TextTokenizer
-    streams: dict[str, dict[str, Tensor]]  # split -> domain -> (N,) token ids
-    token_bytes: Tensor  # (V,)
-    val: dict[str, Tensor]  # domain -> (N, T+1) validation windows, plus "all"
-    fingerprint: str
-    device: torch.device
-    command: str
+@dataclass(frozen=True)
+class ModelStage:
+    """One model of the zoo, declared once in `MODEL_STAGES` and trained by `train_model`."""
+
+    name: str
+    path: str  # directory under the output dir
+    summary: str  # the card's summary; str.format'ed with the preset as `p`
+    shape: Callable[[Preset], Shape]
+    stage: Callable[[Preset], Stage]
+    config: Callable[[Preset], dict[str, Any]] = lambda p: {}  # ModelConfig fields beyond a llama's (the MoE's)
+    teacher: str | None = None  # distil from this artifact (built by an earlier stage)
+    same_steps_as: str | None = None  # a control: train as many steps as this earlier artifact did
+    mup_base: Callable[[Preset], int | None] = lambda p: None  # μP base width (None: standard)
 
 
-# ---------------------------------------------------------------- data
-
-
-def prepare_data(preset: Preset, out: Path, force: bool) -> tuple[TextTokenizer, dict, str]:
-    docs = data.load_documents()
-    fingerprint = data.corpus_fingerprint(docs)
-    split = data.split_documents(docs, preset.val_fraction, preset.train_max_chars)
-    tok_dir, cache = out / "tokenizer", out / "_data" / f"tokens-{fingerprint}-{preset.vocab_size}.safetensors"
-    if force or not (tok_dir / "tokenizer.json").is_file():
-        t0 = time.perf_counter()
-        texts = [d.text for domain in data.DOMAINS for d in split["train"][domain]]
-        data.train_tokenizer(texts, preset.vocab_size).save(tok_dir)
-        cache.unlink(missing_ok=True)
-        log.info("tokenizer: %d tokens trained in %.1fs", preset.vocab_size, time.perf_counter() - t0)
-    tokenizer = TextTokenizer.load(tok_dir)
-    if cache.is_file():
-        flat = load_file(str(cache))
-    else:
-        flat = {f"{s}/{d}": data.encode_documents(tokenizer, split[s][d]) for s in split for d in data.DOMAINS}
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        save_file(flat, str(cache))
-    streams: dict[str, dict[str, Tensor]] = {"train": {}, "val": {}}
-    for key, tensor in flat.items():
-        s, d = key.split("/")
-        streams[s][d] = tensor
-    return tokenizer, streams, fingerprint
-
-
-def make_context(preset: Preset, out: Path, force: bool) -> Context:
-    tokenizer, streams, fingerprint = prepare_data(preset, out, force)
-    val = {d: data.eval_windows(streams["val"][d], preset.seq_len, preset.eval_tokens) for d in data.DOMAINS}
-    val["all"] = torch.cat([val[d] for d in data.DOMAINS])
-    command = f"python -m service build --preset {preset.name} --out {out}"
-    return Context(
-        preset,
-        out,
-        tokenizer,
-        streams,
-        data.token_byte_lengths(tokenizer),
-        val,
-        fingerprint,
-        resolve_device("auto"),
-        command,
+def _moe_dense_shape(p: Preset) -> Shape:
+    """A llama with the MoE's active parameters: intermediate = top_k x the expert intermediate size."""
+    m = p.moe
+    return Shape(
+        m.hidden_size, m.intermediate_size * p.top_k, m.num_hidden_layers, m.num_attention_heads, m.num_key_value_heads
     )
 
 
-# ---------------------------------------------------------------- models
+MODEL_STAGES = (
+    ModelStage(
+        "teacher",
+        "teacher",
+        "Dense teacher: the largest model the preset's budget allows.",
+        shape=lambda p: p.teacher,
+        stage=lambda p: p.teacher_stage,
+        mup_base=lambda p: p.teacher_mup_base_width,
+    ),
+    ModelStage(
+        "student",
+        "student",
+        "Dense student distilled from the teacher (KD + CE).",
+        shape=lambda p: p.student,
+        stage=lambda p: p.student_stage,
+        teacher="teacher",
+    ),
+    ModelStage(
+        "student-scratch",
+        "controls/student-scratch",
+        "Control: the student architecture trained from scratch on the same batches (no teacher).",
+        shape=lambda p: p.student,
+        stage=lambda p: p.student_stage,
+        same_steps_as="student",
+    ),
+    ModelStage(
+        "moe",
+        "moe",
+        "Mixtral-style MoE: {p.num_experts} experts, top-{p.top_k}, Switch balance loss + router z-loss.",
+        shape=lambda p: p.moe,
+        stage=lambda p: p.moe_stage,
+        config=lambda p: dict(
+            model_type="mixtral",
+            num_local_experts=p.num_experts,
+            num_experts_per_tok=p.top_k,
+            router_aux_loss_coef=p.router_aux_coef,
+        ),
+    ),
+    ModelStage(
+        "moe-dense",
+        "controls/moe-dense",
+        "Control: dense llama with the MoE's active parameters, trained on the same batches.",
+        shape=_moe_dense_shape,
+        stage=lambda p: p.moe_stage,
+        same_steps_as="moe",
+    ),
+)
 
 
-def model_config(ctx: Context, shape: Shape, **changes) -> ModelConfig:
-    tok = ctx.tokenizer
-    fields = dict(
-        model_type="llama",
-        vocab_size=tok.vocab_size,
-        hidden_size=shape.hidden_size,
-        intermediate_size=shape.intermediate_size,
-        num_hidden_layers=shape.num_hidden_layers,
-        num_attention_heads=shape.num_attention_heads,
-        num_key_value_heads=shape.num_key_value_heads,
-        max_position_embeddings=ctx.preset.max_positions,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.tokenizer.token_to_id(data.PAD),
-        tie_word_embeddings=False,
-    )
-    return ModelConfig(**{**fields, **changes})
-
-
-def lm_loss_fn(aux_coef: float, z_coef: float):
-    def loss_fn(model: CausalLM, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, dict[str, float]]:
-        ids, labels = batch
-        out = model(ids)
-        ce = causal_lm_loss(out.logits, labels)
-        if not out.routings:
-            return ce, {}
-        balance, z = moe_aux_losses(out, model.config.num_local_experts)
-        return ce + aux_coef * balance + z_coef * z, {"ce": float(ce), "balance": float(balance), "z": float(z)}
-
-    return loss_fn
-
-
-def kd_loss_fn(teacher: CausalLM, temperature: float, alpha: float):
-    def loss_fn(model: CausalLM, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, dict[str, float]]:
-        ids, labels = batch
-        with torch.no_grad():
-            teacher_logits = teacher(ids).logits  # (B, T, V)
-        return kd_loss(model(ids).logits, teacher_logits, labels, temperature, alpha)
-
-    return loss_fn
-
-
-def train_config(ctx: Context, name: str, stage: Stage, steps: int | None = None, mup_mult: float | None = None):
-    optim = OptimConfig(
-        lr=stage.lr,
-        weight_decay=stage.weight_decay,
-        mup_width_mult=mup_mult,
-        layer_lr_decay=stage.layer_lr_decay,
-        sam_rho=stage.sam_rho,
-    )
-    return TrainConfig(
-        name=name,
-        max_steps=steps or stage.steps,
-        optim=optim,
-        warmup_steps=stage.warmup,
-        eval_interval=stage.eval_interval,
-        patience=stage.patience,
-        seed=ctx.preset.seed,
-        max_seconds=stage.max_seconds,
-        run_dir=str(ctx.out / "_runs" / name),
-        checkpoint_interval=100,
-    )
-
-
-def export(ctx: Context, model: CausalLM, directory: Path) -> None:
-    fold_for_export(model)
-    model.config.hidden_dropout = 0.0
-    tok = ctx.tokenizer
-    generation = {
-        "bos_token_id": tok.bos_token_id,
-        "eos_token_id": tok.eos_token_id,
-        "pad_token_id": model.config.pad_token_id,
-    }
-    save_model(model.cpu(), directory, dtype="float32", generation_config=generation)
-    tok.save(directory)
-    model.to(ctx.device)
-
-
-def lm_metrics(ctx: Context, model: CausalLM) -> dict:
-    model.eval()
-    bpb = {d: round(evaluate.bits_per_byte(model, ctx.val[d], ctx.token_bytes), 4) for d in (*data.DOMAINS, "all")}
-    return {"val_bits_per_byte": bpb["all"], "val_bits_per_byte_by_domain": {d: bpb[d] for d in data.DOMAINS}}
-
-
-def train_model(
-    ctx: Context,
-    name: str,
-    directory: Path,
-    config: ModelConfig,
-    stage: Stage,
-    summary: str,
-    teacher: CausalLM | None = None,
-    steps: int | None = None,
-    mup_base: int | None = None,
-) -> dict:
+def train_model(ctx: Context, spec: ModelStage, directory: Path, cards: dict[str, dict]) -> dict:
+    """Train the stage's model from scratch (distilled when it has a teacher), export it, write its card."""
     p = ctx.preset
+    teacher = load_model(ctx.out / spec.teacher).to(ctx.device).eval() if spec.teacher else None
     t0 = time.perf_counter()
     torch.manual_seed(p.seed)
-    config = config.replace(hidden_dropout=stage.dropout)
+    stage, mup_base = spec.stage(p), spec.mup_base(p)
+    config = model_config(ctx, spec.shape(p), **spec.config(p)).replace(hidden_dropout=stage.dropout)
     mup_mult = None
     if mup_base is not None:
         config, mup_mult = mup_config(config, mup_base), width_mult(config, mup_base)
@@ -222,15 +151,16 @@ def train_model(
         loss_fn = kd_loss_fn(teacher, p.distill.temperature, p.distill.alpha)
     else:
         loss_fn = lm_loss_fn(p.router_aux_coef, p.router_z_coef)
+    steps = cards[spec.same_steps_as]["training_steps"] if spec.same_steps_as else None
     record = train(
         model,
         loss_fn,
         sampler,
-        train_config(ctx, name, stage, steps, mup_mult),
+        train_config(ctx, spec.name, stage, steps, mup_mult),
         eval_fn=lambda m: evaluate.val_loss(m, ctx.val["all"]),
     )
     export(ctx, model, directory)
-    card = _model_card(ctx, name, model, record, summary, time.perf_counter() - t0)
+    card = _model_card(ctx, spec.name, model, record, spec.summary.format(p=p), t0)
     card["parametrization"] = f"muP (base width {mup_base})" if mup_base else "standard"
     if teacher is not None:
         card["distillation"] = asdict(p.distill)
@@ -243,7 +173,17 @@ def train_model(
     return write_card(directory, card)
 
 
-def _model_card(ctx: Context, name: str, model: CausalLM, record: RunRecord, summary: str, seconds: float) -> dict:
+def _training_fields(record: RunRecord, t0: float) -> dict:
+    """The card fields every trained artifact shares: what its run consumed."""
+    return {
+        "training_tokens": record.tokens,
+        "training_steps": record.steps,
+        "training_seconds": round(record.seconds, 1),
+        "build_seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+def _model_card(ctx: Context, name: str, model: CausalLM, record: RunRecord, summary: str, t0: float) -> dict:
     c = model.config
     params = c.num_parameters()
     arch = {
@@ -262,10 +202,7 @@ def _model_card(ctx: Context, name: str, model: CausalLM, record: RunRecord, sum
         "architecture": arch,
         "parameters": params["total"],
         "active_parameters": params["active"],
-        "training_tokens": record.tokens,
-        "training_steps": record.steps,
-        "training_seconds": round(record.seconds, 1),
-        "build_seconds": round(seconds, 1),
+        **_training_fields(record, t0),
         "stopped_early": record.stopped_early,
         "hit_time_limit": record.hit_time_limit,
         "best_val_loss": round(record.best_val_loss, 4),
@@ -331,10 +268,7 @@ def train_adapter(ctx: Context, job: AdapterJob, directory: Path) -> dict:
         "lora": {"r": job.r, "alpha": job.alpha, "target_modules": list(job.target_modules)},
         "parameters": n_params,
         **metric,
-        "training_tokens": record.tokens,
-        "training_steps": record.steps,
-        "training_seconds": round(record.seconds, 1),
-        "build_seconds": round(time.perf_counter() - t0, 1),
+        **_training_fields(record, t0),
         "hit_time_limit": record.hit_time_limit,
         "layer_lr_decay": stage.layer_lr_decay,
         "command": ctx.command,
@@ -367,93 +301,11 @@ def build_zoo(preset: str, out_dir: str, force: bool) -> None:
     ctx = make_context(p, out, force)
     runs = out / "_runs"
     cards: dict[str, dict] = {}
-    teacher_cfg = model_config(ctx, p.teacher)
-    cards["teacher"] = _stage(
-        out / "teacher",
-        force,
-        runs / "teacher",
-        lambda: train_model(
-            ctx,
-            "teacher",
-            out / "teacher",
-            teacher_cfg,
-            p.teacher_stage,
-            "Dense teacher: the largest model the preset's budget allows.",
-            mup_base=p.teacher_mup_base_width,
-        ),
-    )
-
-    def distill() -> dict:
-        teacher = load_model(out / "teacher").to(ctx.device).eval()
-        return train_model(
-            ctx,
-            "student",
-            out / "student",
-            model_config(ctx, p.student),
-            p.student_stage,
-            "Dense student distilled from the teacher (KD + CE).",
-            teacher=teacher,
+    for spec in MODEL_STAGES:
+        directory = out / spec.path
+        cards[spec.name] = _stage(
+            directory, force, runs / spec.name, lambda s=spec, d=directory: train_model(ctx, s, d, cards)
         )
-
-    cards["student"] = _stage(out / "student", force, runs / "student", distill)
-    control_dir = out / "controls" / "student-scratch"
-    cards["student-scratch"] = _stage(
-        control_dir,
-        force,
-        runs / "student-scratch",
-        lambda: train_model(
-            ctx,
-            "student-scratch",
-            control_dir,
-            model_config(ctx, p.student),
-            p.student_stage,
-            "Control: the student architecture trained from scratch on the same batches (no teacher).",
-            steps=cards["student"]["training_steps"],
-        ),
-    )
-    moe_cfg = model_config(
-        ctx,
-        p.moe,
-        model_type="mixtral",
-        num_local_experts=p.num_experts,
-        num_experts_per_tok=p.top_k,
-        router_aux_loss_coef=p.router_aux_coef,
-    )
-    cards["moe"] = _stage(
-        out / "moe",
-        force,
-        runs / "moe",
-        lambda: train_model(
-            ctx,
-            "moe",
-            out / "moe",
-            moe_cfg,
-            p.moe_stage,
-            f"Mixtral-style MoE: {p.num_experts} experts, top-{p.top_k}, Switch balance loss + router z-loss.",
-        ),
-    )
-    dense_dir = out / "controls" / "moe-dense"
-    dense_shape = Shape(
-        p.moe.hidden_size,
-        p.moe.intermediate_size * p.top_k,
-        p.moe.num_hidden_layers,
-        p.moe.num_attention_heads,
-        p.moe.num_key_value_heads,
-    )
-    cards["moe-dense"] = _stage(
-        dense_dir,
-        force,
-        runs / "moe-dense",
-        lambda: train_model(
-            ctx,
-            "moe-dense",
-            dense_dir,
-            model_config(ctx, dense_shape),
-            p.moe_stage,
-            "Control: dense llama with the MoE's active parameters, trained on the same batches.",
-            steps=cards["moe"]["training_steps"],
-        ),
-    )
     for job in p.adapters:
         directory = out / "adapters" / job.name
         cards[job.name] = _stage(directory, force, runs / job.name, lambda j=job, d=directory: train_adapter(ctx, j, d))
@@ -469,7 +321,7 @@ def write_summary(out: Path, p: Preset, cards: dict[str, dict], seconds: float, 
         "command": ctx.command,
         "build_seconds_this_run": round(seconds, 1),
         "models": {n: n for n in SERVED},
-        "controls": {"student-scratch": "controls/student-scratch", "moe-dense": "controls/moe-dense"},
+        "controls": {s.name: s.path for s in MODEL_STAGES if s.path.startswith("controls/")},
         "adapters": {j.name: {"path": f"adapters/{j.name}", "base": j.base} for j in p.adapters},
         "distillation_vs_control": {
             "teacher_bpb": bpb("teacher"),

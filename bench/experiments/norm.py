@@ -111,6 +111,20 @@ class SmallCNN(nn.Module):
         return self.head(h.flatten(1))
 
 
+def result_row(task: str, norm: str, batch: int, metric: str, values: list[float], gaps: list[float]) -> dict:
+    """One report row: the metric's mean over seeds, each seed's value, and the mean train - val gap."""
+    per_seed = [round(v, 4) for v in values]
+    return {
+        "task": task,
+        "norm": norm,
+        "batch": batch,
+        "metric": metric,
+        "value": round(mean(values), 4),
+        "per_seed": per_seed,
+        "train_minus_val": round(mean(gaps), 4),
+    }
+
+
 def run(tiny: bool, out_dir: Path) -> dict[str, Path]:
     cfg = TINY if tiny else NormConfig()
     lm = lm_data(cfg.seq_len, 200_000 if tiny else 2_000_000, 512 if tiny else 16_384)
@@ -123,17 +137,7 @@ def run(tiny: bool, out_dir: Path) -> dict[str, Path]:
             record = train_lm(model, lm, run_cfg, f"{norm}-b{batch}-s{seed}")
             vals.append(final_val_bpb(record))
             gaps.append(mean([h["loss"] for h in record.history if "loss" in h][-5:]) / LN2 - vals[-1])
-        rows.append(
-            {
-                "task": "byte LM",
-                "norm": norm,
-                "batch": batch,
-                "metric": "val bits/byte",
-                "value": round(mean(vals), 4),
-                "per_seed": [round(v, 4) for v in vals],
-                "train_minus_val": round(mean(gaps), 4),
-            }
-        )
+        rows.append(result_row("byte LM", norm, batch, "val bits/byte", vals, gaps))
     split = digits()
     for batch, norm in tqdm([(b, n) for b in cfg.cnn_batches for n in CNN_NORMS], desc=f"{NAME} CNN"):
         accs, gaps = [], []
@@ -142,17 +146,7 @@ def run(tiny: bool, out_dir: Path) -> dict[str, Path]:
             res = fit_classifier(SmallCNN(norm), split, FitConfig(cfg.cnn_epochs, batch, cfg.cnn_lr, seed=seed))
             accs.append(res["test_acc"])
             gaps.append(res["gap"])
-        rows.append(
-            {
-                "task": "digits CNN",
-                "norm": norm,
-                "batch": batch,
-                "metric": "test accuracy",
-                "value": round(mean(accs), 4),
-                "per_seed": [round(a, 4) for a in accs],
-                "train_minus_val": round(mean(gaps), 4),
-            }
-        )
+        rows.append(result_row("digits CNN", norm, batch, "test accuracy", accs, gaps))
 
     def get(task: str, norm: str, batch: int) -> float:
         return next(r["value"] for r in rows if r["task"] == task and r["norm"] == norm and r["batch"] == batch)

@@ -24,7 +24,7 @@ MOE_FIELDS = {"tokens", "ours_ms", "hf_grouped_mm_ms", "hf_eager_ms", "speedup_v
 def reports(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("reports")
     argv = ["bench", "--tiny", "--out", str(out)]
-    for name in ("attention", "moe_dispatch", "speculative", "http_overhead"):
+    for name in ("attention", "moe_dispatch", "speculative", "http_overhead", "soak"):
         argv += ["--only", name]
     assert main(argv) == 0
     return out
@@ -69,6 +69,19 @@ def test_http_overhead_report(reports: Path) -> None:
     assert payload["meta"]["server_exit_code_after_sigterm"] == 0
     assert "met" in payload["meta"]["target"]
     assert "| path |" in (reports / "http_overhead.md").read_text()
+
+
+def test_soak_report(reports: Path) -> None:
+    """A few seconds of mixed traffic, adapter churn and dropped clients: no server error, nothing left running."""
+    payload = load(reports, "soak")
+    meta, target = payload["meta"], payload["meta"]["target"]
+    assert target["server_errors"] == {"count": 0, "met": True}, meta["statuses"]
+    assert target["running_at_end"]["met"] is True
+    assert "growth" in target["rss_growth"]  # a verdict is written; seconds-long windows prove nothing
+    assert meta["requests_completed"] > 0 and meta["adapter_loads"] > 0 and meta["dropped_clients"] > 0
+    assert all(row["rss_mib"] > 0 for row in payload["rows"])
+    assert meta["server_exit_code_after_sigterm"] == 0
+    assert "| t_s |" in (reports / "soak.md").read_text()
 
 
 def test_registry_and_unknown_name(tmp_path: Path) -> None:
