@@ -5,7 +5,7 @@ from models.checkpoint import CheckpointError, load_model, save_model
 from models.config import ConfigError, ModelConfig
 from models.decoder import CausalLM, DecoderOutput
 from models.generate import SamplingConfig, generate
-from models.kv_cache import KVCache
+from models.kv_cache import KVCache, PagedKVCache
 from models.tokenizer import TextTokenizer
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "DecoderOutput",
     "KVCache",
     "ModelConfig",
+    "PagedKVCache",
     "SamplingConfig",
     "TextTokenizer",
     "generate",

@@ -7,9 +7,10 @@ plain math path (scores, softmax, weighted sum), kept to compare speed, memory a
 Layouts, described by `AttentionMetadata` and prepared once per forward pass:
 - plain causal (B, T) batches (training, a single prompt): no mask, `is_causal`;
 - packed, padding-free batches: several sequences in one row told apart by segment ids;
-- cached: each row continues the sequence held in a KV-cache slot, with its own number of cached
-  tokens and of new tokens, which covers prefill, chunked prefill, batched decode at different
-  positions and speculative verification with one code path.
+- cached: each row continues a sequence whose keys and values live in the paged KV cache's blocks
+  (its block table), with its own number of cached tokens and of new tokens, which covers prefill,
+  chunked prefill, prefill after a prefix-cache hit, batched decode at different positions and
+  speculative verification with one code path.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.config import ModelConfig
-from models.kv_cache import KVCache
+from models.kv_cache import KVCache, PagedKVCache, blocks_for
 from models.layers import RotaryEmbedding, apply_rotary
 
 
@@ -31,23 +32,32 @@ class AttentionMetadata:
 
     # Packed layout: (B, T) segment id per token; tokens attend causally within their segment; -1 is padding.
     segment_ids: Tensor | None = None
-    # Cached layout: row b continues cache slot slots[b], which already holds context_lens[b] tokens;
-    # the row's first query_lens[b] tokens are new, the rest padding.
-    cache: KVCache | None = None
-    slots: Tensor | None = None  # (B,)
+    # Cached layout: row b continues the sequence stored in the blocks block_tables[b] lists (in position
+    # order; padded with any valid block id), which already hold context_lens[b] tokens; the row's
+    # first query_lens[b] tokens are new, the rest padding.
+    cache: PagedKVCache | None = None
+    block_tables: Tensor | None = None  # (B, max blocks)
     context_lens: Tensor | None = None  # (B,)
     query_lens: Tensor | None = None  # (B,)
     # Filled by prepare(): shared by every layer of one forward pass.
     mask: Tensor | None = None  # (B, 1, T, L) bool, True = may attend
-    kv_len: int = 0
-    write_slots: Tensor | None = None  # (N,)
-    write_positions: Tensor | None = None  # (N,)
+    read_tables: Tensor | None = None  # (B, nb) the blocks read this pass; L = nb * block_size
+    write_blocks: Tensor | None = None  # (N,)
+    write_offsets: Tensor | None = None  # (N,)
     write_rows: Tensor | None = None  # (N,) flat row*T+t index of each new token
     valid_tokens: Tensor | None = None  # (B*T,) bool, False for padding
 
     @classmethod
     def for_cache(cls, cache: KVCache, slots: Tensor, context_lens: Tensor, query_lens: Tensor) -> AttentionMetadata:
-        return cls(cache=cache, slots=slots, context_lens=context_lens, query_lens=query_lens)
+        """Rows continuing fixed slots of a `KVCache`."""
+        return cls.for_blocks(cache, cache.tables(slots), context_lens, query_lens)
+
+    @classmethod
+    def for_blocks(
+        cls, cache: PagedKVCache, block_tables: Tensor, context_lens: Tensor, query_lens: Tensor
+    ) -> AttentionMetadata:
+        """Rows continuing sequences of a paged cache, given their block tables (B, nb)."""
+        return cls(cache=cache, block_tables=block_tables, context_lens=context_lens, query_lens=query_lens)
 
     def positions(self, batch: int, seq: int, device: torch.device) -> Tensor:
         """Default rotary positions (B, T) for this layout."""
@@ -67,17 +77,21 @@ class AttentionMetadata:
         if self.cache is not None:
             context = self.context_lens.to(device)
             queries = self.query_lens.to(device)
-            self.kv_len = int((context + queries).max())
+            block_size = self.cache.block_size
+            num_blocks = blocks_for(int((context + queries).max()), block_size)
+            self.read_tables = self.block_tables.to(device)[:, :num_blocks]  # (B, nb)
             q_pos = context[:, None] + steps[None, :]  # (B, T)
-            k_pos = torch.arange(self.kv_len, device=device)  # (L,)
+            k_pos = torch.arange(num_blocks * block_size, device=device)  # (L,)
             allowed = k_pos[None, None, :] <= q_pos[:, :, None]  # (B, T, L)
             if sliding_window is not None:
                 allowed &= k_pos[None, None, :] > q_pos[:, :, None] - sliding_window
             self.mask = allowed[:, None]  # (B, 1, T, L)
             valid = steps[None, :] < queries[:, None]  # (B, T)
             self.valid_tokens = valid.reshape(-1)
-            self.write_slots = self.slots.to(device)[:, None].expand(batch, seq)[valid]
-            self.write_positions = q_pos[valid]
+            positions = q_pos[valid]  # (N,)
+            rows = torch.arange(batch, device=device)[:, None].expand(batch, seq)[valid]  # (N,)
+            self.write_blocks = self.read_tables[rows, positions // block_size]
+            self.write_offsets = positions % block_size
             self.write_rows = torch.nonzero(self.valid_tokens).squeeze(1)
             return
         if self.segment_ids is not None:
@@ -140,8 +154,8 @@ class Attention(nn.Module):
         if meta is not None and meta.cache is not None:
             new_k = k.transpose(1, 2).reshape(b * t, self.num_kv_heads, self.head_dim)[meta.write_rows]  # (N, KVH, D)
             new_v = v.transpose(1, 2).reshape(b * t, self.num_kv_heads, self.head_dim)[meta.write_rows]
-            meta.cache.write(self.layer_index, meta.write_slots, meta.write_positions, new_k, new_v)
-            k, v = meta.cache.read(self.layer_index, meta.slots, meta.kv_len)  # (B, KVH, L, D)
+            meta.cache.write(self.layer_index, meta.write_blocks, meta.write_offsets, new_k, new_v)
+            k, v = meta.cache.read(self.layer_index, meta.read_tables)  # (B, KVH, L, D)
         out = attend(q, k, v, mask, self.scale, self.implementation)  # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 

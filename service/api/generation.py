@@ -13,19 +13,24 @@ import asyncio
 import logging
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from adapters.peft_format import AdapterError
+from adapters.registry import AdapterCapacityError, AdapterRegistry, resolve_under_roots
 from service.api.deps import ServiceState
 from service.api.errors import APIError, from_engine_error
 from service.api.schemas import SamplingFields
 from service.engine import EngineError, GenerationRequest, QueueFullError, SamplingParams, TokenEvent
-from service.loading import LoadedModel
+from service.loading import LoadedModel, discover
 
 log = logging.getLogger(__name__)
 TOKENIZE_INLINE_CHARS = 20_000  # longer prompts are tokenized in a worker thread, off the event loop
+# After a timeout's cancel, how long the engine loop may take to answer before the request is ended
+# here: longer than any one engine step (a long prefill chunk on a CPU), short next to request_timeout_s.
+ABANDON_GRACE_S = 10.0
 
 
 @dataclass
@@ -52,18 +57,47 @@ def lookup(state: ServiceState, name: str) -> Target:
     raise APIError(404, f"model {name!r} does not exist; served: {known}", param="model", code="model_not_found")
 
 
+def _reload(state: ServiceState, registry: AdapterRegistry, name: str, directory: Path) -> None:
+    startup = discover(state.settings)[1].get(name)
+    if startup is None or Path(startup) != directory:  # admin-loaded: the roots apply again
+        directory = resolve_under_roots(str(directory), state.settings.effective_adapter_roots)
+    registry.ensure(name, directory)
+
+
 async def ensure_resident(state: ServiceState, target: Target) -> None:
-    """Reload a known adapter that LRU evicted (file reading in a worker thread)."""
-    registry = target.loaded.served.registry
-    if target.adapter is None or target.adapter in registry.resident:
+    """Make the request's adapter resident, reloading it (in a worker thread) if LRU evicted it.
+
+    The adapter is held (one in-use count) from here to the event loop's next turn, so across the
+    synchronous engine submission that follows (which takes the request's own count): no concurrent
+    load can evict it in between. A reload re-checks the adapter roots (the directory may have been
+    swapped for a link out of them since the admin load); start-up adapters are exempt (they need not
+    be under the roots). Reload failures: no room -> 409 `conflict_error`; files that became bad or a
+    path now outside the roots -> 503 with Retry-After naming the file and reason (the server's
+    adapter store is at fault, not the request: an admin fixes or unloads the adapter).
+    """
+    name = target.adapter
+    if name is None:
         return
-    entry = state.adapters.get(target.adapter)
-    if entry is None:
-        raise APIError(404, f"adapter {target.adapter!r} was unloaded", param="model", code="model_not_found")
-    try:
-        await run_in_threadpool(registry.load, target.adapter, entry[1])
-    except AdapterError as exc:
-        raise APIError(503, f"adapter {target.adapter!r} could not be reloaded: {exc}") from exc
+    registry = target.loaded.served.registry
+    for _ in range(3):  # an adapter evicted again before this coroutine resumed is reloaded again
+        if registry.acquire(name):
+            asyncio.get_running_loop().call_soon(registry.release, name)
+            return
+        entry = state.adapters.get(name)
+        if entry is None:
+            raise APIError(404, f"adapter {name!r} was unloaded", param="model", code="model_not_found")
+        try:
+            await run_in_threadpool(_reload, state, registry, name, entry[1])
+        except AdapterCapacityError as exc:
+            raise APIError(409, f"adapter {name!r} could not be reloaded: {exc}", "conflict_error") from exc
+        except (AdapterError, OSError, ValueError) as exc:  # bad files, path outside the roots, LoadingError
+            headers = {"Retry-After": str(state.settings.retry_after_s)}
+            raise APIError(503, f"adapter {name!r} could not be reloaded: {exc}", headers=headers) from exc
+        if state.adapters.get(name) != entry:  # unloaded (or replaced) by an admin meanwhile
+            raise APIError(404, f"adapter {name!r} was unloaded", param="model", code="model_not_found")
+    raise APIError(
+        409, f"adapter {name!r} was evicted again before use: more adapters in use than max_adapters", "conflict_error"
+    )
 
 
 def check_text(text: str, limit: int, param: str) -> None:
@@ -148,7 +182,9 @@ class Generation:
 
     def _timeout(self) -> None:
         self.timed_out = True
-        self.state.engine.cancel(self.id)  # the engine answers with an `abort` event
+        self.state.engine.cancel(self.id)  # the engine answers with an `abort` event (at once if its loop is gone)
+        # A loop that is alive but stuck (a forward that never returns) cannot answer: end it from here.
+        asyncio.get_running_loop().call_later(ABANDON_GRACE_S, self.state.engine.abandon, self.id)
 
     async def events(self):
         async for event in self.stream:
@@ -188,11 +224,11 @@ async def start(state: ServiceState, body: SamplingFields, prompt, default_max_t
     """Admit, tokenize and submit. `prompt(target)` returns the prompt as text or token ids (awaitable)."""
     error = unavailable(state)
     if error is not None:
+        if body.model in state.models or body.model in state.adapters:  # draining, engine dead: a refusal
+            target = lookup(state, body.model)
+            state.metrics.rejected(target.base, target.adapter)
         raise error
     target = lookup(state, body.model)
-    if state.draining:
-        state.metrics.rejected(target.base, target.adapter)
-        raise unavailable(state)
     if not state.admit(target.base):
         state.metrics.rejected(target.base, target.adapter)
         raise APIError(

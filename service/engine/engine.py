@@ -114,6 +114,7 @@ class Engine:
         )
         if request.adapter is not None and not worker.served.registry.acquire(request.adapter):
             raise UnknownModelError(f"adapter {request.adapter!r} was unloaded")
+        seq.table.identity = worker.identity(request.adapter)
         with self._lock:
             if self.error is not None or self._stopping:  # the loop died or stopped while we prepared
                 if request.adapter is not None:

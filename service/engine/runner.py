@@ -17,7 +17,7 @@ from torch import Tensor
 
 from models.attention import AttentionMetadata
 from models.decoder import CausalLM
-from models.kv_cache import KVCache
+from models.kv_cache import PagedKVCache
 from service.engine.scheduler import ScheduledRow
 
 # (adapter name of each row, tokens per row) -> context manager that activates those adapters.
@@ -35,7 +35,7 @@ class ModelRunner:
     def __init__(
         self,
         model: CausalLM,
-        cache: KVCache,
+        cache: PagedKVCache,
         activate_adapters: AdapterActivator | None = None,
         compile_decode: bool = False,
     ) -> None:
@@ -67,7 +67,7 @@ class ModelRunner:
     def _forward(self, rows: list[ScheduledRow]) -> tuple[Tensor, Tensor | None]:
         return self.forward(
             [r.tokens for r in rows],
-            [r.sequence.slot for r in rows],
+            [r.sequence.table.blocks for r in rows],
             [r.context_len for r in rows],
             [r.sequence.request.adapter for r in rows],
         )
@@ -76,21 +76,26 @@ class ModelRunner:
     def forward(
         self,
         tokens: list[list[int]],
-        slots: list[int],
+        block_tables: list[list[int]],
         context_lens: list[int],
         adapters: list[str | None] | None = None,
         all_positions: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
-        """One cached forward over rows of new tokens. Returns logits (B, V) at each row's last new token,
-        or (B, T, V) at every position with all_positions, and the (layers, E) expert counts (MoE)."""
+        """One cached forward over rows of new tokens, each row's KV in the blocks its table lists.
+        Returns logits (B, V) at each row's last new token, or (B, T, V) at every position with
+        all_positions, and the (layers, E) expert counts (MoE)."""
         longest = max(len(t) for t in tokens)
         batch = torch.zeros(len(tokens), longest, dtype=torch.long)  # (B, T) right-padded
         for i, row in enumerate(tokens):
             batch[i, : len(row)] = torch.tensor(row)
+        widest = max(len(t) for t in block_tables)
+        tables = torch.zeros(len(tokens), widest, dtype=torch.long)  # (B, nb) padded with block 0 (masked)
+        for i, table in enumerate(block_tables):
+            tables[i, : len(table)] = torch.tensor(table)
         query_lens = torch.tensor([len(t) for t in tokens])
-        meta = AttentionMetadata.for_cache(
+        meta = AttentionMetadata.for_blocks(
             self.cache,
-            slots=torch.tensor(slots, device=self.device),
+            block_tables=tables.to(self.device),
             context_lens=torch.tensor(context_lens, device=self.device),
             query_lens=query_lens.to(self.device),
         )

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from service.engine.block_manager import BlockTable
 from service.engine.detokenizer import IncrementalDetokenizer
 from service.engine.sampler import RequestGenerator
 from service.engine.types import GenerationRequest, TokenEvent
@@ -22,8 +23,10 @@ class Sequence:
     detokenizer: IncrementalDetokenizer
     generator: RequestGenerator | None
     output_ids: list[int] = field(default_factory=list)
-    slot: int | None = None
+    table: BlockTable = field(default_factory=BlockTable)  # its KV blocks (paged cache)
     num_computed: int = 0  # tokens whose keys/values are in the KV cache
+    num_cached_tokens: int | None = None  # prompt tokens served by the prefix cache at first admission
+    num_preemptions: int = 0
     first_scheduled: float | None = None
     first_token: float | None = None
     cancelled: bool = False  # set by any thread; acted on at the next step boundary
@@ -41,12 +44,17 @@ class Sequence:
 
     @property
     def in_prefill(self) -> bool:
-        return self.num_computed < self.prompt_len
+        """More than one token to feed: the prompt, or a preempted sequence's whole history."""
+        return self.total_len() - self.num_computed > 1
+
+    def all_tokens(self) -> list[int]:
+        return self.request.prompt_ids + self.output_ids
 
     def pending_tokens(self) -> list[int]:
-        """Tokens to feed next: the rest of the prompt, or the last sampled token."""
-        if self.in_prefill:
-            return self.request.prompt_ids[self.num_computed :]
+        """Tokens to feed next: the rest of the prompt (or of the history after a preemption), or the
+        last sampled token."""
+        if self.num_computed < self.prompt_len:
+            return self.request.prompt_ids[self.num_computed :] + self.output_ids
         return self.output_ids[self.num_computed - self.prompt_len :]
 
     def total_len(self) -> int:
@@ -71,6 +79,7 @@ class Sequence:
                 finish_reason=finish_reason,
                 prompt_tokens=self.prompt_len,
                 completion_tokens=len(self.output_ids),
+                cached_tokens=self.num_cached_tokens or 0,
                 error=error,
                 token_times=[now] * len(token_ids),
             )

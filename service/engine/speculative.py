@@ -22,7 +22,8 @@ import torch
 from torch import Tensor
 
 from models import sampling
-from models.kv_cache import KVCache
+from models.kv_cache import PagedKVCache
+from service.engine.block_manager import BlockManager, BlockTable
 from service.engine.runner import ModelRunner
 from service.engine.sequence import Sequence
 from service.engine.types import SamplingParams
@@ -35,7 +36,7 @@ class SpeculativeConfig:
 
 @dataclass
 class DraftState:
-    slot: int
+    table: BlockTable = field(default_factory=BlockTable)  # the draft's own KV blocks for this sequence
     num_computed: int = 0  # tokens of the sequence whose keys/values the draft cache holds
 
 
@@ -56,19 +57,21 @@ class SpeculativeDecoder:
     config: SpeculativeConfig = field(default_factory=SpeculativeConfig)
     states: dict[int, DraftState] = field(default_factory=dict)  # id(sequence) -> draft-side state
 
+    blocks: BlockManager | None = None  # the draft's pool (no prefix caching: drafts are cheap to recompute)
+
     @classmethod
-    def build(cls, draft_model, num_slots: int, max_seq_len: int, config: SpeculativeConfig) -> SpeculativeDecoder:
-        cache = KVCache(draft_model.config, num_slots, max_seq_len, draft_model.dtype, draft_model.device)
-        return cls(ModelRunner(draft_model, cache), config)
+    def build(cls, draft_model, num_blocks: int, block_size: int, config: SpeculativeConfig) -> SpeculativeDecoder:
+        cache = PagedKVCache(draft_model.config, num_blocks, block_size, draft_model.dtype, draft_model.device)
+        return cls(ModelRunner(draft_model, cache), config, blocks=BlockManager(num_blocks, block_size, False))
 
     def release(self, seq: Sequence) -> None:
         state = self.states.pop(id(seq), None)
         if state is not None:
-            self.draft.cache.free(state.slot)
+            self.blocks.free(state.table)
 
     def _state(self, seq: Sequence) -> DraftState:
         if id(seq) not in self.states:
-            self.states[id(seq)] = DraftState(self.draft.cache.allocate())
+            self.states[id(seq)] = DraftState()
         return self.states[id(seq)]
 
     def propose(self, seqs: list[Sequence]) -> tuple[list[list[int]], list[Tensor | None]]:
@@ -80,7 +83,11 @@ class SpeculativeDecoder:
         drafts: list[list[int]] = [[] for _ in seqs]
         q_rows: list[list[Tensor]] = [[] for _ in seqs]
         for _ in range(k):
-            logits, _ = self.draft.forward(feed, [st.slot for st in states], [st.num_computed for st in states])
+            for st, tokens in zip(states, feed):
+                if not self.blocks.grow(st.table, st.num_computed + len(tokens)):
+                    raise RuntimeError("the draft model's KV pool is full")  # sized so this cannot happen
+            tables = [st.table.blocks for st in states]
+            logits, _ = self.draft.forward(feed, tables, [st.num_computed for st in states])
             broken = sampling.nonfinite_rows(logits)  # (B,)
             for i, (seq, st) in enumerate(zip(seqs, states)):
                 st.num_computed += len(feed[i])
@@ -126,4 +133,5 @@ class SpeculativeDecoder:
         # The draft cache is valid for the history before this round's drafts plus the accepted ones.
         valid = seq.total_len() + len(accepted)
         state.num_computed = min(state.num_computed, valid)
+        self.blocks.shrink(state.table, state.num_computed + 1)
         return RoundResult([*accepted, token], len(accepted))

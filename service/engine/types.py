@@ -75,6 +75,7 @@ class TokenEvent:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache (usage.prompt_tokens_details)
     error: str | None = None
     # Timings, seconds (monotonic clock): set on the final event.
     queue_time: float | None = None  # arrival -> first scheduled
@@ -91,10 +92,13 @@ class StepStats:
     num_tokens: int  # tokens fed through the model this step (prefill chunks + decode tokens)
     num_running: int
     num_waiting: int
-    kv_cache_usage: float  # tokens held / token capacity of the KV cache, 0..1
+    kv_cache_usage: float  # KV blocks held by sequences / blocks in the pool, 0..1 (evictable cached blocks are free)
     step_seconds: float
     adapters: list[str | None] = field(default_factory=list)  # adapter of each row
     expert_tokens: list[list[int]] | None = None  # (layers, experts) tokens routed this step; MoE only
     spec_draft_tokens: int = 0
     spec_accepted_tokens: int = 0
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache this step
+    prefix_cache_hits: int = 0  # of those, tokens found cached
+    preemptions: int = 0  # sequences preempted this step (KV freed, recomputed later)
     error: str | None = None  # the exception that failed this step (its requests ended with an error)

@@ -17,9 +17,10 @@ import torch
 
 from adapters.registry import AdapterRegistry
 from models.decoder import CausalLM
-from models.kv_cache import KVCache
+from models.kv_cache import PagedKVCache, blocks_for
 from models.sampling import nonfinite_rows
 from models.tokenizer import TextTokenizer
+from service.engine.block_manager import BlockManager
 from service.engine.runner import ModelRunner
 from service.engine.sampler import sample
 from service.engine.scheduler import ScheduledRow, Scheduler, SchedulerConfig
@@ -48,10 +49,15 @@ class ServedModel:
 class ModelWorker:
     def __init__(self, served: ServedModel, config: SchedulerConfig) -> None:
         self.served = served
-        served.max_model_len = min(served.max_model_len, served.model.config.max_position_embeddings)
-        self.scheduler = Scheduler(config)
         model = served.model
-        self.cache = KVCache(model.config, config.max_batch_size, served.max_model_len, model.dtype, model.device)
+        pool_tokens = config.kv_cache_tokens or config.max_batch_size * served.max_model_len
+        num_blocks = blocks_for(pool_tokens, config.block_size)
+        # A sequence must fit the pool on its own, or preempting the others could never make room for it.
+        served.max_model_len = min(
+            served.max_model_len, model.config.max_position_embeddings, num_blocks * config.block_size
+        )
+        self.cache = PagedKVCache(model.config, num_blocks, config.block_size, model.dtype, model.device)
+        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         activate = served.registry.activate if served.registry is not None else None
         self.runner = ModelRunner(model, self.cache, activate, config.compile_decode)
         self.eos = set(served.eos_token_ids)
@@ -63,20 +69,38 @@ class ModelWorker:
                     f"draft vocab_size {served.draft_model.config.vocab_size} differs from the target's "
                     f"{model.config.vocab_size}: a draft must share the tokenizer"
                 )
-            self.speculative = SpeculativeDecoder.build(
-                served.draft_model,
-                config.max_batch_size,
-                served.max_model_len,
-                served.speculative or SpeculativeConfig(),
+            spec_config = served.speculative or SpeculativeConfig()
+            # The draft holds at most k more tokens per sequence than the target: its pool is the target's
+            # plus k + 1 tokens for each running sequence.
+            draft_blocks = num_blocks + config.max_batch_size * blocks_for(
+                spec_config.num_draft_tokens + 1, config.block_size
             )
+            self.speculative = SpeculativeDecoder.build(
+                served.draft_model, draft_blocks, config.block_size, spec_config
+            )
+        self.scheduler = Scheduler(config, self.blocks, served.max_model_len, self._lookahead, self._on_preempt)
+        self._prefix_queries = self._prefix_hits = self._preemptions = 0
 
     @property
     def has_work(self) -> bool:
         return self.scheduler.has_work
 
     def kv_usage(self) -> float:
-        held = sum(seq.num_computed for seq in self.scheduler.running)
-        return held / (self.cache.num_slots * self.cache.max_seq_len)
+        return self.blocks.usage()
+
+    def identity(self, adapter: str | None) -> str:
+        """The prefix cache's key for KV computed under this adapter load ("" for the base model)."""
+        if adapter is None or self.served.registry is None:
+            return ""
+        info = self.served.registry.resident.get(adapter)
+        return f"{adapter}#{info.load_id if info is not None else 'gone'}"
+
+    def _lookahead(self, seq: Sequence) -> int:
+        return self.speculative.config.num_draft_tokens if self.speculative is not None else 0
+
+    def _on_preempt(self, seq: Sequence) -> None:
+        if self.speculative is not None:
+            self.speculative.release(seq)
 
     def step(self) -> StepStats:
         """One step; an exception fails the requests of this step (KV freed) and is reported in `stats.error`."""
@@ -85,8 +109,12 @@ class ModelWorker:
         rows: list[ScheduledRow] = []
         try:
             self._drop_cancelled()
-            rows = self.scheduler.schedule(self.cache.num_free)
+            rows = self.scheduler.schedule()
             self._run_rows(rows, stats)
+            for row in rows:  # computed KV of full blocks becomes reusable (never after a failed step)
+                seq = row.sequence
+                if not seq.released:
+                    self.blocks.register(seq.table, seq.all_tokens(), seq.num_computed)
         except Exception as exc:  # isolate the failure: this step's requests end, the engine goes on
             log.exception("engine step of model %s failed; failing its %d request(s)", self.served.name, len(rows))
             stats.error = f"{type(exc).__name__}: {exc}"
@@ -98,13 +126,20 @@ class ModelWorker:
         stats.num_running = len(self.scheduler.running)
         stats.num_waiting = len(self.scheduler.waiting)
         stats.kv_cache_usage = self.kv_usage()
+        counters = self.blocks.stats
+        stats.prefix_cache_queries = counters.queries - self._prefix_queries
+        stats.prefix_cache_hits = counters.hits - self._prefix_hits
+        stats.preemptions = counters.preemptions - self._preemptions
+        self._prefix_queries, self._prefix_hits, self._preemptions = (
+            counters.queries,
+            counters.hits,
+            counters.preemptions,
+        )
         stats.step_seconds = time.monotonic() - started
         return stats
 
     def _run_rows(self, rows: list[ScheduledRow], stats: StepStats) -> None:
         for row in rows:
-            if row.sequence.slot is None:
-                row.sequence.slot = self.cache.allocate()
             row.sequence.mark_scheduled()
         speculates = [self._speculates(r) for r in rows]
         spec_rows = [r for r, spec in zip(rows, speculates) if spec]
@@ -145,11 +180,11 @@ class ModelWorker:
         return [seqs[i] for i in keep], logits[keep]
 
     def _speculates(self, row: ScheduledRow) -> bool:
-        """Decode rows of a model with a draft, while k drafts still fit the sequence's KV cache."""
+        """Decode rows of a model with a draft, while k drafts still fit the sequence's context and blocks."""
         if self.speculative is None or not row.needs_sample or len(row.tokens) != 1:
             return False
-        k = self.speculative.config.num_draft_tokens
-        return row.context_len + k + 1 <= self.served.max_model_len
+        needed = row.context_len + self.speculative.config.num_draft_tokens + 1
+        return needed <= self.served.max_model_len and needed <= len(row.sequence.table.blocks) * self.cache.block_size
 
     def _speculative_step(self, rows: list[ScheduledRow], stats: StepStats) -> torch.Tensor | None:
         spec = self.speculative
@@ -157,7 +192,7 @@ class ModelWorker:
         drafts, draft_probs = spec.propose(seqs)
         logits, counts = self.runner.forward(
             [r.tokens + d for r, d in zip(rows, drafts)],
-            [s.slot for s in seqs],
+            [s.table.blocks for s in seqs],
             [r.context_len for r in rows],
             [s.request.adapter for s in seqs],
             all_positions=True,
@@ -169,6 +204,7 @@ class ModelWorker:
                 continue
             result = spec.accept(seq, drafts[i], verified, draft_probs[i])
             seq.num_computed = row.context_len + 1 + result.num_accepted
+            self.blocks.shrink(seq.table, seq.num_computed + 1)  # rejected drafts give their blocks back
             stats.num_tokens += len(row.tokens) + len(drafts[i])
             stats.spec_draft_tokens += len(drafts[i])
             stats.spec_accepted_tokens += result.num_accepted
@@ -200,9 +236,7 @@ class ModelWorker:
         seq.released = True
         self.scheduler.remove(seq)
         self.finished_ids.append(seq.request_id)
-        if seq.slot is not None:
-            self.cache.free(seq.slot)
-            seq.slot = None
+        self.blocks.free(seq.table)
         if seq.request.adapter is not None and self.served.registry is not None:
             self.served.registry.release(seq.request.adapter)
         if self.speculative is not None:

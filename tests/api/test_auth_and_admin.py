@@ -52,7 +52,7 @@ def test_admin_loads_and_unloads_without_restart(auth_server, zoo):
         assert response.status_code == 200, response.text
         assert response.json()["parent"] == "tiny" and response.json()["lora_rank"] == 2
         again = admin.post("/v1/load_lora_adapter", json={"lora_name": "a3", "lora_path": str(zoo["a3"])})
-        assert again.status_code == 400
+        assert again.status_code == 409 and again.json()["error"]["type"] == "conflict_error"  # name taken
         assert client.completions.create(model="a3", prompt="hello", max_tokens=3).usage.completion_tokens >= 1
         assert "a3" in {m.id for m in client.models.list().data}
         assert admin.post("/v1/unload_lora_adapter", json={"lora_name": "a3"}).json()["status"] == "unloaded"

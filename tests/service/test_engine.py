@@ -78,7 +78,7 @@ def test_concurrent_greedy_requests_equal_each_alone(tokenizer, moe):
             assert final.finish_reason == "length" and final.completion_tokens == 12
             text = "".join(e.text for e in events[request.request_id])
             assert text == tokenizer.decode(alone)
-        assert engine.workers["tiny"].cache.num_free == engine.workers["tiny"].cache.num_slots
+        assert engine.workers["tiny"].blocks.num_held == 0
     finally:
         engine.stop()
 
@@ -151,10 +151,10 @@ def test_cancelled_stream_frees_its_slot(tokenizer):
         assert len(got) == 2
         worker = engine.workers["tiny"]
         for _ in range(100):
-            if worker.cache.num_free == worker.cache.num_slots and not worker.has_work:
+            if worker.blocks.num_held == 0 and not worker.has_work:
                 break
             threading.Event().wait(0.02)
-        assert worker.cache.num_free == worker.cache.num_slots
+        assert worker.blocks.num_held == 0
         assert engine.num_unfinished() == 0
     finally:
         engine.stop()

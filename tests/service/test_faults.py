@@ -34,7 +34,7 @@ def start_engine(**config) -> tuple[Engine, object]:
 
 def settled(engine: Engine, worker) -> bool:
     for _ in range(200):
-        if not worker.has_work and worker.cache.num_free == worker.cache.num_slots and engine.num_unfinished() == 0:
+        if not worker.has_work and worker.blocks.num_held == 0 and engine.num_unfinished() == 0:
             return True
         threading.Event().wait(0.02)
     return False

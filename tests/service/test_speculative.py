@@ -65,7 +65,7 @@ def test_greedy_speculative_output_is_identical_to_the_target_alone():
     for r in requests:
         assert out[r.request_id] == generate(target, [r.prompt_ids], SamplingConfig(max_new_tokens=20))[0]
     assert sum(s.spec_draft_tokens for s in stats) > 0
-    assert engine.workers["t"].speculative.draft.cache.num_free == engine.workers["t"].speculative.draft.cache.num_slots
+    assert engine.workers["t"].speculative.blocks.num_held == 0 and engine.workers["t"].blocks.num_held == 0
 
 
 def test_a_perfect_draft_is_always_accepted():
@@ -97,10 +97,11 @@ def test_acceptance_rule_reproduces_the_target_distribution():
         IncrementalDetokenizer(tiny_tokenizer()),
         RequestGenerator(0),
     )
-    decoder = SpeculativeDecoder(draft=None, config=SpeculativeConfig(num_draft_tokens=1))
+    from service.engine.block_manager import BlockManager
     from service.engine.speculative import DraftState
 
-    decoder.states[id(seq)] = DraftState(slot=0)
+    decoder = SpeculativeDecoder(draft=None, config=SpeculativeConfig(num_draft_tokens=1), blocks=BlockManager(4, 16))
+    decoder.states[id(seq)] = DraftState()
     draws = torch.Generator().manual_seed(1)
     trials = 3000
     counts = torch.zeros(5)
