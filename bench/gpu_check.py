@@ -6,7 +6,9 @@ Checks, each printed as PASS/FAIL with its numbers, then written to reports/gpu_
 - the SDPA flash kernel runs for causal prefill (forced with `sdpa_kernel(FLASH_ATTENTION)`) and agrees
   with the math path;
 - a mixed batch of LoRA adapters equals `peft` per adapter; speculative decoding keeps greedy tokens;
-- optional `torch.compile` of the decode step gives the same tokens.
+- optional `torch.compile` of the decode step gives the same tokens;
+- an int8-quantized model serves its own greedy tokens, and its decode speed against bfloat16 at
+  batch 1 and 32 (`bench/gpu_int8.py`; issue 17's GPU target).
 Then the benchmarks run at full size with the device's timings. With `--device cpu` it runs the same
 checks on the CPU (that is how CI keeps it from rotting).
 """
@@ -23,6 +25,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from bench.gpu_int8 import check_int8_vs_bf16
 
 log = logging.getLogger("gpu_check")
 
@@ -121,6 +125,7 @@ CHECKS: dict[str, Callable[[str], dict]] = {
     "flash_bf16": check_flash_and_bf16,
     "engine_bf16_speculative": check_engine_bf16,
     "compile": check_compile,
+    "int8_vs_bf16": check_int8_vs_bf16,
 }
 
 

@@ -5,7 +5,9 @@ A model directory holds `config.json`, `model.safetensors` (or shards listed in
 `generation_config.json`. Tensor names are Hugging Face's. Pickle checkpoints (`*.bin`, `*.pt`) are
 refused: loading them can run arbitrary code. Mixtral experts are accepted both as per-expert
 tensors (`experts.N.w1`, the on-disk format) and as the fused 3-D tensors that `transformers` v5
-keeps in memory (`mlp.experts.gate_up_proj`).
+keeps in memory (`mlp.experts.gate_up_proj`). A model quantized by `models.quantization` saves and
+loads as int8 weights plus scales with a `quantization_config` in config.json (layout: that module's
+docstring); other quantized checkpoints (GPTQ, AWQ, bitsandbytes, ...) are refused, naming the method.
 """
 
 from __future__ import annotations
@@ -22,6 +24,14 @@ from torch import Tensor
 
 from models.config import ModelConfig
 from models.decoder import CausalLM
+from models.quantization import (
+    QuantizationConfig,
+    QuantizationError,
+    quantization_of,
+    quantize_model,
+    refresh,
+    resolve,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -136,8 +146,9 @@ def load_state(model: CausalLM, tensors: dict[str, Tensor]) -> None:
     tensors = _unfuse_experts(tensors, config)
     expected = model.state_dict()
     if config.tie_word_embeddings:
-        expected.pop("lm_head.weight", None)
-        tensors.pop("lm_head.weight", None)
+        for name in ("lm_head.weight", "lm_head.weight_scale"):
+            expected.pop(name, None)
+            tensors.pop(name, None)
     tensors = {k: v for k, v in tensors.items() if not k.endswith(IGNORED_SUFFIXES)}
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -153,6 +164,11 @@ def load_state(model: CausalLM, tensors: dict[str, Tensor]) -> None:
             raise CheckpointError(
                 f"tensor {name} has shape {tuple(tensors[name].shape)}, config.json implies {tuple(target.shape)}"
             )
+        if (target.dtype == torch.int8) != (tensors[name].dtype == torch.int8):
+            raise CheckpointError(
+                f"tensor {name} is {tensors[name].dtype}, the model expects {target.dtype} "
+                "(quantization_config and the stored tensors disagree)"
+            )
     with torch.no_grad():
         for name, target in expected.items():
             target.copy_(tensors[name])
@@ -163,13 +179,28 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device = "cpu",
     attn_implementation: str = "sdpa",
+    quantization: str | QuantizationConfig | None = None,
 ) -> CausalLM:
-    """Load a Hugging Face-format model directory. dtype None: the checkpoint's own dtype."""
+    """Load a Hugging Face-format model directory. dtype None: the checkpoint's own dtype.
+
+    quantization "int8" (or a QuantizationConfig) quantizes a float checkpoint as it loads (from its
+    float32 weights, before the cast to dtype); a checkpoint saved quantized loads quantized whatever
+    is asked (models.quantization has the layout). Other quant_methods are refused by name."""
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"model directory {directory} does not exist")
     config = ModelConfig.load(directory)
     config.attn_implementation = attn_implementation
+    stored_quant = config.extra.pop("quantization_config", None)
+    try:
+        stored = (
+            None if stored_quant is None else QuantizationConfig.from_dict(stored_quant, f"{directory}/config.json")
+        )
+        wanted = resolve(quantization)
+    except QuantizationError as exc:
+        raise CheckpointError(str(exc)) from exc
+    if stored is not None and wanted is not None:  # runtime choices from the request, layout from the file
+        stored.kernel, stored.weight_only_max_rows = wanted.kernel, wanted.weight_only_max_rows
     tensors = read_tensors(directory)
     torch_dtype = parse_dtype(dtype, config.torch_dtype)
     with torch.device("meta"):
@@ -178,8 +209,22 @@ def load_model(
     model.rotary = type(model.rotary)(config.head_dim, config.rope_theta)  # buffers lost on meta
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
+    if stored is not None:
+        quantize_model(model, stored, values=False)
     load_state(model, tensors)
+    if stored is not None:
+        refresh(model)
+    elif wanted is not None:
+        quantize_model(model, wanted)
     return model.to(device=device, dtype=torch_dtype).eval()
+
+
+def _stored(name: str, tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    """A state tensor as written: int8 weights as they are, their scales float32, the rest in dtype."""
+    tensor = tensor.detach().to("cpu")
+    if not tensor.is_floating_point():
+        return tensor.contiguous()
+    return tensor.to(torch.float32 if name.endswith("weight_scale") else dtype).contiguous()
 
 
 def save_model(
@@ -194,10 +239,17 @@ def save_model(
     directory.mkdir(parents=True, exist_ok=True)
     torch_dtype = parse_dtype(dtype, model.config.torch_dtype) if dtype else model.dtype
     dtype_name = next(k for k, v in DTYPES.items() if v == torch_dtype)
-    state = {k: v.detach().to("cpu", torch_dtype).contiguous() for k, v in model.state_dict().items()}
+    state = {k: _stored(k, v, torch_dtype) for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
+        state.pop("lm_head.weight_scale", None)
     model.config.replace(torch_dtype=dtype_name).save(directory)
+    quant = quantization_of(model)
+    if quant is not None:  # the layout is in models/quantization.py
+        path = directory / "config.json"
+        raw = json.loads(path.read_text())
+        raw["quantization_config"] = quant.to_dict()
+        path.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
     for stale in [*directory.glob("model-*.safetensors"), directory / SINGLE_FILE, directory / INDEX_FILE]:
         stale.unlink(missing_ok=True)
     shards: list[dict[str, Tensor]] = [{}]

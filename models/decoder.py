@@ -81,7 +81,8 @@ class CausalLM(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.embed_tokens.weight.dtype
+        # The final norm's: the embedding may be an int8 table (models.quantization).
+        return self.model.norm.weight.dtype
 
     def reset_parameters(self, scaled_residual: bool = True) -> None:
         """Normal(0, initializer_range) weights, zero biases, unit norms.

@@ -14,6 +14,8 @@ Stages, in order (each skipped when its directory already has a card.json, unles
 7. ``adapters/<name>/``: PEFT LoRA adapters (`training.presets.AdapterJob`): ``student-upper`` and
    ``student-lower`` (tasks, exact match, prompt formats in `training.tasks`), ``student-code``
    (code domain) and ``moe-english`` (English domain), both measured in held-out bits per byte.
+8. ``student-int8/``: the student quantized to int8 and saved in the quantized layout, no training
+   (`training.quantize_stage`); served with the others.
 
 Stages 2-6 are declared once, as rows of `MODEL_STAGES` (shape, preset stage, teacher, control of which
 model), all trained by `train_model`; adapters are `train_adapter`, one per `AdapterJob`. What every
@@ -39,7 +41,7 @@ import torch
 
 from models.checkpoint import load_model
 from models.decoder import CausalLM
-from training import data, evaluate, tasks
+from training import data, evaluate, quantize_stage, tasks
 from training.build_context import (
     Context,
     export,
@@ -309,6 +311,10 @@ def build_zoo(preset: str, out_dir: str, force: bool) -> None:
     for job in p.adapters:
         directory = out / "adapters" / job.name
         cards[job.name] = _stage(directory, force, runs / job.name, lambda j=job, d=directory: train_adapter(ctx, j, d))
+    q_dir = out / quantize_stage.NAME  # the student quantized to int8 (training/quantize_stage.py); served too
+    cards[quantize_stage.NAME] = _stage(
+        q_dir, force, runs / quantize_stage.NAME, lambda: quantize_stage.build_student_int8(ctx, q_dir)
+    )
     write_summary(out, p, cards, time.perf_counter() - t0, ctx)
 
 
