@@ -3,8 +3,9 @@
 Inputs (in the run folder): `locust_stats.csv` (final statistics, warm-up excluded), and
 `locust_stats_history.csv` (written every few seconds with `--csv-full-history`; its percentiles
 cover Locust's last ~10 s window), plus `run.json` written by `python -m loadtest`. Request totals
-count only HTTP rows (`POST`, `GET`): the custom metric rows (TTFT, ITL, TPOT, TOKENS, GOODPUT,
-REJECTED, DROPPED; see `loadtest.users`) are kept apart. Locust stores values rounded (to whole
+count only HTTP rows (`POST`, `GET`): the custom metric rows (TTFT, ITL, TPOT, TOKENS, PROMPT, CACHED,
+GOODPUT, REJECTED, DROPPED; see `loadtest.users`) are kept apart. The prefix-cache share is the sum
+of CACHED over the sum of PROMPT (count x Locust's exact mean). Locust stores values rounded (to whole
 milliseconds below 100 ms, to 2 significant digits above), so a percentile is good to about 5%.
 
 Outputs: `report.md`, `latency.png` (TTFT / inter-token / end-to-end p50, p95, p99 over time),
@@ -44,6 +45,9 @@ class Summary:
     goodput_ratio: float  # goodput_met / (every request answered: succeeded, failed or rejected)
     goodput_per_s: float
     latency_ms: dict[str, dict[str, float]]  # TTFT, ITL, TPOT, E2E -> p50/p95/p99/mean/count
+    # Prompt tokens served from the prefix cache over prompt tokens (usage.prompt_tokens_details.cached_tokens),
+    # None when the server reported no cached tokens (the CACHED/PROMPT metrics of loadtest.users).
+    cached_prompt_ratio: float | None = None
 
 
 def _num(value: str) -> float:
@@ -81,6 +85,11 @@ def summarize(out_dir: Path, meta: dict) -> Summary:
             latency[label] = {p: _num(r[p]) for p in PERCENTILES}
             latency[label] |= {"mean": _num(r["Average Response Time"]), "count": _num(r["Request Count"])}
     met, missed = count("GOODPUT", "met"), count("GOODPUT", "missed")
+
+    def total(kind: str) -> float:  # sum of the values of a count metric: requests x mean (Locust keeps the exact mean)
+        return sum(_num(r["Request Count"]) * _num(r["Average Response Time"]) for r in by_type.get(kind, []))
+
+    prompt_total = total("PROMPT")
     goodput_rate = sum(_num(r["Requests/s"]) for r in by_type.get("GOODPUT", []) if r["Name"] == "met")
     return Summary(
         scenario=meta["scenario"],
@@ -96,6 +105,7 @@ def summarize(out_dir: Path, meta: dict) -> Summary:
         goodput_ratio=met / (met + missed) if met + missed else 0.0,
         goodput_per_s=goodput_rate,
         latency_ms=latency,
+        cached_prompt_ratio=total("CACHED") / prompt_total if prompt_total > 0 else None,
     )
 
 
@@ -135,6 +145,11 @@ def markdown(summary: Summary, meta: dict) -> str:
         f"| dropped arrivals (client cap) | {s.dropped} |",
         f"| goodput (within both SLOs) | {s.goodput_met} requests, {100 * s.goodput_ratio:.1f}%, "
         f"{s.goodput_per_s:.2f}/s |",
+        *(
+            [f"| prompt tokens served from the prefix cache | {100 * s.cached_prompt_ratio:.1f}% |"]
+            if s.cached_prompt_ratio is not None
+            else []
+        ),
         "",
         "![latency](latency.png) ![throughput](throughput.png) ![errors](errors.png)",
         "",

@@ -35,6 +35,14 @@ class Scenario:
     zipf_s: float = 1.1  # target="adapters": popularity of the k-th adapter is proportional to 1 / k**s
     expect_rejections: bool = False  # 429s are expected (counted as rejected, not failures)
     temperature: float = 0.0  # 0: greedy, where speculative decoding accepts the most drafts
+    # Chat conversations (loadtest.conversation): a system prompt of this many words shared by every request
+    # (0: none), and turns per conversation, each resending the history. Either makes every request a chat.
+    system_prompt_words: int = 0
+    turns: tuple[int, int] = (1, 1)
+
+    @property
+    def conversational(self) -> bool:
+        return self.system_prompt_words > 0 or self.turns[1] > 1
 
 
 SCENARIOS: dict[str, Scenario] = {
@@ -76,6 +84,15 @@ SCENARIOS: dict[str, Scenario] = {
             warmup_s=30.0,
             think_time_s=(0.5, 2.0),
             ignore_eos_ratio=0.8,
+        ),
+        Scenario(
+            "shared-prefix",
+            "Chat with one long system prompt shared by every request and short user turns; conversations of 1-4 "
+            "turns resend their history (prefix caching: usage.prompt_tokens_details.cached_tokens).",
+            model="student",
+            prompt_words=(6, 20),
+            system_prompt_words=160,
+            turns=(1, 4),
         ),
         Scenario(
             "smoke",

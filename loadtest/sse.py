@@ -5,7 +5,9 @@ event is `data: <json>` of the endpoint's chunk object with one id throughout an
 `{"error": ...}` event mid-stream is a failure carrying the server's message; exactly one chunk has
 a `finish_reason`, and it is `stop` or `length`; the usage chunk (requested with
 `stream_options.include_usage`) has no choices and consistent counts; `data: [DONE]` ends the
-stream and nothing follows it. Output tokens are counted from `usage`, never from chunks.
+stream and nothing follows it. Output tokens are counted from `usage`, never from chunks;
+`usage.prompt_tokens_details.cached_tokens` (prompt tokens served from the prefix cache), where the
+server reports it, must be an integer from 0 to the prompt tokens.
 
 Timing (client side, `time.perf_counter`): TTFT is from sending the request to the first event
 carrying output text; inter-token latency is the gap between consecutive events carrying text (the
@@ -36,6 +38,8 @@ class StreamResult:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens, when the server reports it
+    text: str = ""  # the output text, concatenated from the chunks
     error: str | None = None  # set on failure
     retry_after: str | None = None  # 429/503 Retry-After header
 
@@ -113,10 +117,12 @@ class StreamChecker:
             raise StreamError(f"expected one choice with index 0, got {choices!r:.120}")
         if self.usage_seen:
             raise StreamError("a content chunk after the usage chunk")
-        if _text(chunk, self.path):
+        text = _text(chunk, self.path)
+        if text:
             if self.result.finish_reason is not None:
                 raise StreamError("text after the finish_reason chunk")
             self.result.text_times.append(now)
+            self.result.text += text
         finish = choices[0].get("finish_reason")
         if finish is not None:
             if self.result.finish_reason is not None:
@@ -137,8 +143,12 @@ class StreamChecker:
             raise StreamError("usage reports 0 prompt tokens")
         if completion < len(self.result.text_times):
             raise StreamError(f"usage reports {completion} tokens but {len(self.result.text_times)} text events came")
+        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+        if cached is not None and not (isinstance(cached, int) and 0 <= cached <= prompt):
+            raise StreamError(f"usage reports {cached!r} cached tokens of {prompt} prompt tokens")
         self.usage_seen = True
         self.result.prompt_tokens, self.result.completion_tokens = prompt, completion
+        self.result.cached_tokens = cached
 
 
 def stream(session: requests.Session, base_url: str, path: str, body: dict, timeout_s: float) -> StreamResult:

@@ -10,6 +10,8 @@ fired as separate event types, which the report keeps out of the request totals:
 | `ITL` | all | one per gap between text events, ms |
 | `TPOT` | all | time per output token after the first, ms |
 | `TOKENS` | all | output tokens of the request (a count, not ms) |
+| `PROMPT` | all | prompt tokens of the request (a count), when the server reports cached tokens |
+| `CACHED` | all | of those, tokens served from the prefix cache (`usage.prompt_tokens_details.cached_tokens`) |
 | `GOODPUT` | met / missed | end-to-end ms of a request; `met` when it succeeded within both SLOs |
 | `REJECTED` | the endpoint | a 429 of a scenario that expects them (not a failure) |
 | `DROPPED` | open-loop | an arrival not sent: the generator had `max_in_flight` requests outstanding |
@@ -18,6 +20,9 @@ fired as separate event types, which the report keeps out of the request totals:
 `OpenLoopUser`: each user is an arrival generator at `rate / users` requests per second, sending
 regardless of how many answers are outstanding, so queueing shows up as latency and 429s. At the
 end of the run it stops sending and lets outstanding requests finish within Locust's stop timeout.
+In conversational scenarios (`shared-prefix`) each closed-loop user holds one chat at a time
+(`loadtest.conversation`): every request resends its history, and a new chat starts after the last
+turn or a failure.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from locust.exception import StopUser
 from locust.user.users import LOCUST_STATE_STOPPING
 
 from loadtest import scenarios
+from loadtest.conversation import Conversation
 from loadtest.sse import stream
 
 log = logging.getLogger(__name__)
@@ -94,8 +100,11 @@ class Targets:
         return random.choices(self.names, self.weights)[0]
 
 
-def make_body(scenario: scenarios.Scenario, model: str) -> tuple[str, dict]:
-    """(endpoint path, request body) of one random request of the scenario."""
+def make_body(
+    scenario: scenarios.Scenario, model: str, conversation: Conversation | None = None
+) -> tuple[str, str, dict]:
+    """(endpoint path, user text, request body) of one random request of the scenario (the next turn of
+    `conversation` when given)."""
     words = " ".join(random.choices(WORDS, k=random.randint(*scenario.prompt_words)))
     body = {
         "model": model,
@@ -103,9 +112,11 @@ def make_body(scenario: scenarios.Scenario, model: str) -> tuple[str, dict]:
         "temperature": scenario.temperature,
         "ignore_eos": random.random() < scenario.ignore_eos_ratio,
     }
+    if conversation is not None:
+        return "/v1/chat/completions", words, {**body, "messages": conversation.ask(words)}
     if random.random() < scenario.chat_ratio:
-        return "/v1/chat/completions", {**body, "messages": [{"role": "user", "content": words}]}
-    return "/v1/completions", {**body, "prompt": words}
+        return "/v1/chat/completions", words, {**body, "messages": [{"role": "user", "content": words}]}
+    return "/v1/completions", words, {**body, "prompt": words}
 
 
 class StreamingUser(User):
@@ -114,6 +125,7 @@ class StreamingUser(User):
     abstract = True
     options: RunOptions
     targets: Targets
+    conversation: Conversation | None = None
 
     def on_start(self) -> None:
         self.options = RunOptions.from_parsed(self.environment.parsed_options)
@@ -134,8 +146,18 @@ class StreamingUser(User):
 
     def one_request(self) -> None:
         scenario = self.options.scenario
-        path, body = make_body(scenario, self.targets.next())
+        chat = None
+        if scenario.conversational:  # one chat at a time per user (closed loop)
+            if self.conversation is None or self.conversation.done:
+                self.conversation = Conversation(scenario)
+            chat = self.conversation
+        path, words, body = make_body(scenario, self.targets.next(), chat)
         result = stream(self.session, self.host.rstrip("/"), path, body, self.options.request_timeout_s)
+        if chat is not None:
+            if result.ok:
+                chat.answered(words, result.text)
+            else:
+                self.conversation = None
         e2e_ms = result.e2e_s * 1000
         if result.status == 429 and scenario.expect_rejections:
             self.fire("REJECTED", path, e2e_ms)
@@ -153,6 +175,9 @@ class StreamingUser(User):
         if tpot is not None:
             self.fire("TPOT", "all", tpot * 1000)
         self.fire("TOKENS", "all", result.completion_tokens)
+        if result.cached_tokens is not None:
+            self.fire("PROMPT", "all", result.prompt_tokens)
+            self.fire("CACHED", "all", result.cached_tokens)
         met = (
             ttft is not None
             and ttft * 1000 <= self.options.slo_ttft_ms

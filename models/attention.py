@@ -113,14 +113,16 @@ class AttentionMetadata:
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, implementation: str) -> Tensor:
     """Softmax attention. q (B, H, T, D); k, v (B, KVH, L, D); mask (B, 1, T, L) or None for causal."""
     groups = q.shape[1] // k.shape[1]
-    if groups > 1:
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, H, L, D)
     t, length = q.shape[2], k.shape[2]
     if mask is None and t != length:  # causal with a cached prefix: align the diagonal to the last key
         mask = torch.ones(t, length, dtype=torch.bool, device=q.device).tril(length - t)
-    if implementation == "sdpa":
+    if implementation == "sdpa":  # grouped-query heads read their shared K/V without copies (enable_gqa)
         causal = mask is None and t > 1
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=groups > 1
+        )
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, H, L, D)
     scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, T, L)
     if mask is None:
         mask = torch.ones(t, length, dtype=torch.bool, device=q.device).tril()

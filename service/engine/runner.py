@@ -1,7 +1,8 @@
 """Model runner: turns scheduled rows into forward passes over one model and its KV cache.
 
-Decode rows (one new token each) and prefill rows (prompt chunks) run as two forwards, so a long
-prompt chunk does not pad every decode row to its length. Rows are ordered by adapter, so each LoRA
+Decode rows (one new token each) and prefill rows (prompt chunks) run as separate forwards, so a long
+prompt chunk does not pad every decode row to its length; within each kind, rows of very different
+work (keys read, chunk length) run as separate forwards too (`group_rows`). Rows are ordered by adapter, so each LoRA
 adapter's rows are one contiguous segment (see adapters/). Returns the last-position logits of the
 rows that sample.
 """
@@ -22,6 +23,38 @@ from service.engine.scheduler import ScheduledRow
 
 # (adapter name of each row, tokens per row) -> context manager that activates those adapters.
 AdapterActivator = Callable[[list[str | None], int], AbstractContextManager]
+
+
+# Rows of one forward are padded to its widest row (tokens, and keys read through the block tables), so
+# a short row batched with a long one pays for the long one. Rows are grouped so that no row does less
+# than 1/SPLIT_RATIO of its group's largest work; below the MIN_SPLIT_* work one more forward (its
+# per-operation overhead) costs more than the padding saved.
+SPLIT_RATIO = 2
+MIN_SPLIT_DECODE = 512  # keys read per decode row
+MIN_SPLIT_PREFILL = 64 * 1024  # new tokens x keys per prefill row
+
+
+def decode_work(row: ScheduledRow) -> int:
+    return row.context_len + 1
+
+
+def prefill_work(row: ScheduledRow) -> int:
+    return len(row.tokens) * (row.context_len + len(row.tokens))
+
+
+def group_rows(
+    rows: list[ScheduledRow], work: Callable[[ScheduledRow], int], min_split: int
+) -> list[list[ScheduledRow]]:
+    """Rows in forwards of similar work (largest first); one group when the work is small."""
+    groups: list[list[ScheduledRow]] = []
+    largest = 0
+    for row in sorted(rows, key=work, reverse=True):
+        if groups and (work(row) * SPLIT_RATIO >= largest or largest <= min_split):
+            groups[-1].append(row)
+        else:
+            groups.append([row])
+            largest = work(row)
+    return groups
 
 
 @dataclass
@@ -52,9 +85,10 @@ class ModelRunner:
         expert_tokens: Tensor | None = None
         decode = [r for r in rows if len(r.tokens) == 1]
         prefill = [r for r in rows if len(r.tokens) > 1]
-        for group in (decode, prefill):
-            if not group:
-                continue
+        groups = group_rows(decode, decode_work, MIN_SPLIT_DECODE) + group_rows(
+            prefill, prefill_work, MIN_SPLIT_PREFILL
+        )
+        for group in groups:
             group.sort(key=lambda r: r.sequence.request.adapter or "")
             out_logits, counts = self._forward(group)
             for i, row in enumerate(group):

@@ -77,6 +77,8 @@ def test_report_keeps_custom_metrics_out_of_request_totals(tmp_path):
         "ITL,all,3000,0,12,13,1,40,0,60,0,12,0,0,0,0,30,0,40,0,0,40",
         "GOODPUT,met,90,0,500,500,100,900,0,1.8,0,0,0,0,0,0,0,0,0,0,0,0",
         "GOODPUT,missed,15,0,500,500,100,900,0,0.3,0,0,0,0,0,0,0,0,0,0,0,0",
+        "PROMPT,all,98,0,300,300,300,300,0,1.96,0,300,0,0,0,0,300,0,300,0,0,300",
+        "CACHED,all,98,0,200,150,0,288,0,1.96,0,200,0,0,0,0,288,0,288,0,0,288",
         "REJECTED,/v1/completions,5,0,3,3,1,5,0,0.1,0,3,0,0,0,0,5,0,5,0,0,5",
         ",Aggregated,3298,2,12,13,1,900,0,66,0.04,12,0,0,0,0,30,0,40,0,0,900",
     ]
@@ -90,4 +92,39 @@ def test_report_keeps_custom_metrics_out_of_request_totals(tmp_path):
     assert summary.goodput_met == 90 and summary.goodput_ratio == pytest.approx(90 / 105)
     assert summary.latency_ms["TTFT"]["95%"] == 80 and summary.latency_ms["E2E"]["99%"] == 900
     assert "| time to first token | 50.0 | 80.0 | 90.0 |" in (tmp_path / "report.md").read_text()
+    assert summary.cached_prompt_ratio == pytest.approx(0.5)  # mean cached 150 of mean prompt 300
+    assert "| prompt tokens served from the prefix cache | 50.0% |" in (tmp_path / "report.md").read_text()
     assert (tmp_path / "latency.png").is_file()
+
+
+def test_cached_tokens_are_read_from_usage_where_present():
+    details = json.loads(USAGE)
+    details["usage"]["prompt_tokens_details"] = {"cached_tokens": 2}
+    result = feed([chunk("a"), chunk("b", "stop"), json.dumps(details), "[DONE]"])
+    assert result.cached_tokens == 2 and result.text == "ab"
+    assert feed([chunk("a", "stop"), USAGE, "[DONE]"]).cached_tokens is None  # a server without the field
+    details["usage"]["prompt_tokens_details"] = {"cached_tokens": 9}  # more than the 3 prompt tokens
+    with pytest.raises(StreamError, match="9 cached tokens of 3"):
+        feed([chunk("a", "stop"), json.dumps(details), "[DONE]"])
+
+
+def test_shared_prefix_chats_share_the_system_prompt_and_resend_their_history():
+    import random
+
+    from loadtest.conversation import Conversation
+
+    scenario = scenarios.get("shared-prefix")
+    assert scenario.conversational and scenario.turns == (1, 4) and "shared-prefix" in scenarios.SCENARIOS
+    assert not scenarios.get("student").conversational
+    first, second = Conversation(scenario, random.Random(1)), Conversation(scenario, random.Random(2))
+    assert first.messages == second.messages and len(first.messages[0]["content"].split()) == 160
+    turn1 = first.ask("hello there")
+    first.answered("hello there", "hi")
+    turn2 = first.ask("and then")
+    assert turn2[: len(turn1)] == turn1  # each turn's prompt extends the previous one
+    assert turn2[len(turn1)] == {"role": "assistant", "content": "hi"} and turn2[-1]["content"] == "and then"
+    chat = Conversation(scenarios.get("shared-prefix", turns=(2, 2)))
+    chat.answered("q", "a")
+    assert not chat.done
+    chat.answered("q", "a")
+    assert chat.done

@@ -188,3 +188,17 @@ def test_block_manager_shares_evicts_lru_and_counts():
     assert not blocks.grow(BlockTable(), 1)
     blocks.free(other)
     blocks.check()
+
+
+def test_a_request_that_ends_in_its_prefill_step_still_caches_its_prompt(setup):  # noqa: F811
+    root, _ = setup
+    engine, _ = make_engine(root)
+    try:
+        prompt = prompts(4)[0]  # 40 tokens: two full blocks
+        one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+        first = run(engine, [(None, prompt)], one, prefix="p")["p0"]
+        second = run(engine, [(None, prompt)], one, prefix="q")["q0"]
+        assert first[-1].cached_tokens == 0 and second[-1].cached_tokens == 32
+        assert tokens(first) == tokens(second)
+    finally:
+        engine.stop()
