@@ -1,5 +1,5 @@
-"""`python -m service` is the `modelserve` command."""
+"""`python -m service`: the contract's alias of the `modelserve` command (only this entry shim names the CLI)."""
 
-from service.cli import main
+from modelserve.cli import main
 
 raise SystemExit(main())

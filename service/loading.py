@@ -17,10 +17,13 @@ import torch
 
 from adapters.peft_format import AdapterError, modules, read_adapter
 from adapters.registry import AdapterRegistry, RegistryConfig
-from models.checkpoint import GenerationDefaults, load_model
-from models.config import ModelConfig
+from models.checkpoint import CheckpointError, GenerationDefaults, load_model
+from models.config import ConfigError, ModelConfig
+from models.quantization import describe, weight_bytes, weight_count
 from models.tokenizer import TextTokenizer
-from service.engine import ServedModel
+from service.engine import Engine, EngineConfig, SchedulerConfig, ServedModel
+from service.engine.catalog import AdapterCatalog
+from service.engine.client import ClientConfig, EngineClient, ModelInfo, RequestObserver
 from service.engine.speculative import SpeculativeConfig
 from service.settings import Settings
 
@@ -36,6 +39,10 @@ class LoadedModel:
     served: ServedModel
     directory: Path
     config: ModelConfig
+    dtype: str | None = None  # of the float parts (norms, scales, activations)
+    quantization: str | None = None  # "int8" or None (models/quantization.py)
+    weight_bytes: int = 0  # weights in memory: int8 tables and scales of a quantized model, tied ones once
+    weight_count: int = 0  # parameters, quantized or not
 
 
 def resolve_device(settings: Settings) -> tuple[str, str]:
@@ -69,8 +76,17 @@ def discover(settings: Settings) -> tuple[dict[str, Path], dict[str, Path]]:
     return models, {**adapters, **settings.adapters}
 
 
+def quantization_for(name: str, settings: Settings) -> str | None:
+    """The weight quantization asked for model `name` ("int8" or None): its own entry, else the "*" entry."""
+    method = settings.quantization.get(name, settings.quantization.get("*"))
+    return None if method in (None, "none") else method
+
+
 def load_served_model(name: str, directory: Path, settings: Settings, device: str, dtype: str) -> LoadedModel:
-    model = load_model(directory, dtype=dtype, device=device)
+    try:
+        model = load_model(directory, dtype=dtype, device=device, quantization=quantization_for(name, settings))
+    except (CheckpointError, ConfigError) as exc:
+        raise LoadingError(f"model {name!r} ({directory}): {exc}") from exc
     tokenizer = TextTokenizer.load(directory)
     config = model.config
     eos = list(GenerationDefaults.load(directory, config).eos_token_ids)
@@ -83,8 +99,19 @@ def load_served_model(name: str, directory: Path, settings: Settings, device: st
     )
     max_len = min(config.max_position_embeddings, settings.max_model_len)
     served = ServedModel(name, model, tokenizer, max_model_len=max_len, eos_token_ids=tuple(eos), registry=registry)
-    log.info("loaded model %s from %s (%s, %s, max_model_len=%d)", name, directory, device, dtype, max_len)
-    return LoadedModel(served, directory, config)
+    info = describe(model)
+    log.info(
+        "loaded model %s from %s (%s, %s, quantization %s, max_model_len=%d)",
+        name,
+        directory,
+        device,
+        dtype,
+        info["quantization"] or "none",
+        max_len,
+    )
+    return LoadedModel(
+        served, directory, config, weight_bytes=weight_bytes(model), weight_count=weight_count(model), **info
+    )
 
 
 def _fits(registry: AdapterRegistry, tensors: dict) -> bool:
@@ -161,3 +188,59 @@ def load_all(settings: Settings) -> tuple[dict[str, LoadedModel], dict[str, tupl
         adapters[name] = (base, Path(directory))
         log.info("loaded adapter %s (rank %d) on %s from %s", name, info.rank, base, directory)
     return models, adapters
+
+
+def model_info(name: str, loaded: LoadedModel) -> ModelInfo:
+    tokenizer = loaded.served.tokenizer
+    return ModelInfo(
+        name=name,
+        directory=loaded.directory,
+        max_model_len=loaded.served.max_model_len,
+        vocab_size=loaded.config.vocab_size,
+        parameters=loaded.weight_count,
+        size_bytes=loaded.weight_bytes,
+        dtype=loaded.dtype,
+        quantization=loaded.quantization,
+        device=str(loaded.served.model.device),
+        chat_template=tokenizer.chat_template,
+        bos_token=tokenizer.bos_token,
+        eos_token=tokenizer.eos_token,
+    )
+
+
+def build_client(settings: Settings, observer: RequestObserver, on_step=None) -> EngineClient:
+    """Load every model and start-up adapter, start the engine, and return the client in front of it."""
+    models, adapters = load_all(settings)
+    # The client's admission bounds each model's requests (running + waiting); the engine's own bound also
+    # counts submissions not yet moved into its scheduler, so it gets the whole capacity as a backstop.
+    capacity = settings.max_batch_size + settings.max_waiting
+    scheduler = SchedulerConfig(
+        settings.max_batch_size,
+        settings.max_tokens_per_step,
+        capacity,
+        block_size=settings.kv_block_size,
+        kv_cache_tokens=settings.kv_cache_tokens,
+        enable_prefix_caching=settings.enable_prefix_caching,
+    )
+    engine = Engine(
+        EngineConfig(scheduler, max_consecutive_step_failures=settings.max_consecutive_step_failures), on_step=on_step
+    )
+    for loaded in models.values():
+        engine.add_model(loaded.served)  # may cap max_model_len at the KV pool: model_info reads it after
+    catalog = AdapterCatalog(
+        {name: loaded.served.registry for name, loaded in models.items()},
+        settings.effective_adapter_roots,
+        lambda directory: resolve_base(directory, models),
+    )
+    for name, (base, directory) in adapters.items():
+        catalog.add_startup(name, base, directory)
+    config = ClientConfig(
+        capacity=capacity,
+        max_prompt_chars=settings.max_prompt_chars,
+        max_stop_sequences=settings.max_stop_sequences,
+        max_stop_chars=settings.max_stop_chars,
+        request_timeout_s=settings.request_timeout_s,
+    )
+    infos = {name: (loaded.served, model_info(name, loaded)) for name, loaded in models.items()}
+    engine.start()
+    return EngineClient(engine, infos, catalog, config, observer)

@@ -1,20 +1,22 @@
-"""modelserve as a Ray Serve application: replicas, autoscaling, adapter-aware routing (`modelserve serve --ray`).
+"""modelserve as a Ray Serve application: replicas, autoscaling, prefix- and adapter-aware routing (`--ray`).
 
 Two deployments:
 - `EngineReplica` (N replicas, autoscaled on ongoing requests per replica): each holds the same FastAPI app and
-  engine as `modelserve serve` (`create_app`), loaded before the replica reports healthy, and runs every HTTP
-  request it is given through that app in-process (an ASGI call), streaming the response back.
-- `Gateway` (one light replica, the HTTP ingress): reads each request's `model`, and for an adapter asks Ray's
-  model multiplexing (`multiplexed_model_id` = the adapter name) to prefer a replica where the adapter is
-  resident, falling back to Ray's default choice (the less loaded of two random replicas). Ray's
-  `max_queued_requests` backpressure becomes our 429 `rate_limit_error` with `Retry-After`; a replica that dies
-  mid-request ends that request with a 503 `service_unavailable` (a final SSE error chunk when streaming).
+  engine as `modelserve serve` (`create_app`), loaded before the replica reports healthy, and served the same
+  way, by uvicorn, but on a private loopback port. A request the gateway hands to the replica is forwarded to
+  that port with `httpx.AsyncClient` and the response streamed back chunk by chunk, status and headers
+  unchanged. (Not `httpx.ASGITransport`: it buffers the whole response body, so SSE would arrive at the end;
+  not Ray's `@serve.ingress` on the replica: the gateway must reach it through a handle carrying a
+  `multiplexed_model_id`, which ingress routes do not take.) Closing the stream (a client gone) closes the
+  loopback connection, which the app sees as a disconnect and aborts the request.
+- `Gateway` (`service/ray_gateway.py`, one light replica, the HTTP ingress): picks the routing key.
 
-Adapters are a catalog kept by the gateway (name -> directory): the ones configured at start and those loaded
-through `POST /v1/load_lora_adapter` (validated and loaded by one replica, then recorded). Every replica loads
-an adapter on first use (a cold load) and keeps at most `ray_max_adapters_per_replica`, least recently used
-evicted, so admin loads reach every replica. An unload removes the adapter from the catalog (404 from then
-on) and from the replica that answered; the others drop it by eviction.
+Adapter residency per replica is explicit (`AdapterResidency`): a bounded LRU of the adapters the replica loaded
+(`ray_max_adapters_per_replica`); making room evicts the least recently used one that no request of this
+replica is using, through the engine's registry (`registry.unload`). Ray's model multiplexing only learns
+which routing keys a replica serves: a loader that returns the key itself (a plain token, nothing to free),
+in Ray's own LRU of `ray_max_adapters_per_replica + PREFIX_KEYS_PER_REPLICA` keys per replica. An unload
+reaches a replica that holds the adapter (or makes it resident first) and is answered by the app's own route.
 
 Metrics: each replica serves its own `/metrics` on a port of its own and registers it in a named actor; the
 gateway's `GET /ray/targets` lists them as Prometheus HTTP service discovery with a `replica` label
@@ -26,64 +28,92 @@ import argparse
 import asyncio
 import json
 import logging
+import socket
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import httpx
 import ray
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+import uvicorn
 from ray import serve
-from ray.exceptions import RayError
-from ray.serve.exceptions import BackPressureError
-from ray.serve.handle import DeploymentHandle
 
-from adapters.peft_format import AdapterError
-from adapters.registry import AdapterCapacityError
 from service.api.errors import APIError
+from service.engine import EngineError, UnknownModelError
+from service.ray_gateway import (
+    ADAPTER_LOAD_HEADER,
+    HOP_HEADERS,
+    REPLICA_HEADER,
+    Gateway,
+    replica_directory,
+)
 from service.settings import Settings
 
+__all__ = ["ADAPTER_LOAD_HEADER", "REPLICA_HEADER", "EngineReplica", "Gateway", "app_builder", "build_app"]
 log = logging.getLogger(__name__)
-REPLICA_HEADER = "x-modelserve-replica"
-ADAPTER_LOAD_HEADER = "x-modelserve-adapter-load"  # "cold" (loaded for this request) or "warm"
-DIRECTORY_ACTOR = "modelserve-replica-directory"
-GENERATION_PATHS = {"/v1/completions", "/v1/chat/completions"}
+PREFIX_KEYS_PER_REPLICA = 256  # prefix routing keys a replica advertises to Ray's router (LRU beyond)
 
 
-@ray.remote(num_cpus=0)
-class ReplicaDirectory:
-    """replica id -> its metrics address (host:port), for Prometheus service discovery."""
+class AdapterResidency:
+    """The adapters one replica holds: a bounded LRU, evicted through the engine's registry, never by the GC."""
 
-    def __init__(self) -> None:
-        self.targets: dict[str, str] = {}
+    def __init__(self, state: Any, capacity: int) -> None:
+        self.state, self.capacity = state, capacity
+        self.lru: OrderedDict[str, None] = OrderedDict()
+        self.using: dict[str, int] = {}  # adapter -> requests of this replica using it now
+        self.lock = asyncio.Lock()  # one load or eviction at a time
+        self.cold_loads = 0
 
-    def register(self, replica: str, address: str) -> None:
-        self.targets[replica] = address
+    async def acquire(self, name: str, directory: Path) -> bool:
+        """Make `name` resident and mark it in use; True when this call loaded it (a cold load)."""
+        self.using[name] = self.using.get(name, 0) + 1
+        try:
+            async with self.lock:
+                cold = self.state.client.catalog.base_of(name) is None
+                if cold:
+                    await self._make_room(name)
+                    await self._load(name, directory)
+                self.lru[name] = None
+                self.lru.move_to_end(name)
+                return cold
+        except BaseException:
+            self.release(name)
+            raise
 
-    def unregister(self, replica: str) -> None:
-        self.targets.pop(replica, None)
+    def release(self, name: str) -> None:
+        self.using[name] -= 1
+        if not self.using[name]:
+            del self.using[name]
 
-    def list(self) -> dict[str, str]:
-        return dict(self.targets)
+    def forget(self, name: str) -> None:
+        """`name` was unloaded here by the admin route."""
+        self.lru.pop(name, None)
 
+    async def _make_room(self, name: str) -> None:
+        for victim in [v for v in self.lru if v != name]:
+            if len(self.lru) < self.capacity:
+                return
+            if self.using.get(victim) or not await asyncio.to_thread(self._unload, victim):
+                continue  # in use: tried again at the next load; the registry's own limit still holds
+            del self.lru[victim]
 
-def replica_directory() -> Any:
-    return ReplicaDirectory.options(name=DIRECTORY_ACTOR, namespace="serve", get_if_exists=True).remote()
+    def _unload(self, name: str) -> bool:
+        try:
+            self.state.client.unload_adapter(name)
+        except UnknownModelError:  # unloaded by the admin route meanwhile
+            return True
+        except EngineError as exc:  # still used by a running sequence: keep it
+            log.info("adapter %s not evicted: %s", name, exc)
+            return False
+        return True
 
-
-class _ResidentAdapter:
-    """What the multiplexing cache holds per adapter; Ray calls `__del__` when it evicts one."""
-
-    def __init__(self, replica: "EngineReplica", name: str) -> None:
-        self.replica, self.name, self.released = replica, name, False
-
-    def __del__(self) -> None:
-        if not self.released:
-            self.released = True
-            self.replica.drop_adapter(self.name)
+    async def _load(self, name: str, directory: Path) -> None:
+        await asyncio.to_thread(self.state.client.catalog.load_trusted, name, directory)
+        self.cold_loads += 1
 
 
 class _MetricsServer(ThreadingHTTPServer):
@@ -110,6 +140,21 @@ def start_metrics_server(render: Any, host: str) -> _MetricsServer:
     return server
 
 
+def serve_on_loopback(app: Any) -> tuple[uvicorn.Server, int]:
+    """Serve `app` with uvicorn on 127.0.0.1 (a free port) in a daemon thread; (server, port) once it listens."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(app, lifespan="off", log_config=None, access_log=False, timeout_keep_alive=300)
+    server = uvicorn.Server(config)
+    threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="modelserve-replica-http", daemon=True).start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the replica's loopback server did not start in 30 s")
+        time.sleep(0.01)
+    return server, sock.getsockname()[1]
+
+
 @serve.deployment
 class EngineReplica:
     """One replica: the modelserve app and engine, loaded before the replica reports healthy."""
@@ -126,18 +171,18 @@ class EngineReplica:
         if self.state.load_error is not None:
             raise RuntimeError(f"loading failed: {self.state.load_error}")
         self.replica_id = serve.get_replica_context().replica_id.unique_id
-        self.cold_loads = 0
-        self._pending: dict[str, str] = {}  # adapter name -> directory, for the multiplexed loader
-        self._using: dict[str, int] = {}  # adapter name -> requests of this replica using it now
+        self.adapters = AdapterResidency(self.state, settings.ray_max_adapters_per_replica)
+        self.server, port = serve_on_loopback(self.app)
+        self.base_url = f"http://127.0.0.1:{port}"
+        self.max_connections = settings.ray_max_ongoing_requests
+        self.client: httpx.AsyncClient | None = None  # made on the replica's event loop, at the first request
 
-        async def load(name: str) -> _ResidentAdapter:
-            return await self._load_adapter(name)
+        async def advertise(key: str) -> str:
+            return key  # a plain token: Ray evicting a key frees nothing, it only stops preferring this replica
 
-        # Ray's model multiplexing: an LRU of resident adapters whose ids Ray's router prefers for requests
-        # carrying that multiplexed_model_id (wired at init so the cache size comes from the settings).
-        self.resident_adapter = serve.multiplexed(max_num_models_per_replica=settings.ray_max_adapters_per_replica)(
-            load
-        )
+        self.advertise = serve.multiplexed(
+            max_num_models_per_replica=settings.ray_max_adapters_per_replica + PREFIX_KEYS_PER_REPLICA
+        )(advertise)
         self.metrics_server = start_metrics_server(self.state.metrics.render, settings.ray_metrics_host)
         host = ray.util.get_node_ip_address() if settings.ray_metrics_host in ("0.0.0.0", "::") else None
         address = f"{host or settings.ray_metrics_host}:{self.metrics_server.server_address[1]}"
@@ -153,223 +198,63 @@ class EngineReplica:
         try:
             self.directory.unregister.remote(self.replica_id)
             self.metrics_server.shutdown()
+            self.server.should_exit = True
             if self.state.engine is not None:
                 self.state.engine.accepting = False
                 self.state.engine.stop()
         except Exception:  # interpreter shutdown: nothing left to clean
             pass
 
-    async def _load_adapter(self, name: str) -> _ResidentAdapter:
-        """Load adapter `name` here (a cold load) unless it is resident already."""
-        from service.loading import resolve_base
-
-        state = self.state
-        if name not in state.adapters:
-            directory = Path(self._pending[name])
-            base = await asyncio.to_thread(resolve_base, directory, state.models)
-            await asyncio.to_thread(state.models[base].served.registry.load, name, directory, False)
-            state.adapters[name] = (base, directory)
-            self.cold_loads += 1
-        return _ResidentAdapter(self, name)
-
-    def drop_adapter(self, name: str) -> None:
-        entry = self.state.adapters.get(name)
-        if entry is None or self._using.get(name):  # a request about to use it: the registry's LRU evicts later
-            return
-        registry = self.state.models[entry[0]].served.registry
-        try:
-            if name in registry.resident:
-                registry.unload(name)
-            del self.state.adapters[name]
-        except Exception:  # in use: the engine's registry evicts it later by its own LRU
-            log.info("adapter %s still in use on replica %s: left resident", name, self.replica_id)
-
     async def handle(
-        self, method: str, path: str, query: bytes, headers: list[tuple[str, str]], body: bytes, adapter: Any = None
+        self,
+        method: str,
+        path: str,
+        query: bytes,
+        headers: list[tuple[str, str]],
+        body: bytes,
+        adapter: tuple[str, str] | None = None,
+        keys: list[str] | tuple[str, ...] = (),
     ) -> AsyncIterator[Any]:
         """Run one HTTP request through the app; yields (status, headers), then body chunks."""
-        load, name = None, None
+        for key in keys:  # tell Ray's router this replica serves these routing keys
+            await self.advertise(key)
+        extra = [(REPLICA_HEADER, self.replica_id)]
         if adapter is not None:
-            name, directory = adapter
-            self._pending[name] = directory
-            self._using[name] = self._using.get(name, 0) + 1
-            before = self.cold_loads
+            name = adapter[0]
             try:
-                await self.resident_adapter(name)
-            except AdapterError as exc:  # no room (every resident adapter busy) or a bad adapter directory
-                self._using[name] -= 1
-                error = APIError(409 if isinstance(exc, AdapterCapacityError) else 400, str(exc), param="model")
-                yield (error.status, [("content-type", "application/json"), (REPLICA_HEADER, self.replica_id)])
+                cold = await self.adapters.acquire(name, Path(adapter[1]))
+            except EngineError as exc:  # no room (every resident adapter busy: 409) or a bad adapter directory (400)
+                error = APIError(exc.status, str(exc), exc.kind, param="model")
+                yield (error.status, [("content-type", "application/json"), *extra])
                 yield json.dumps(error.body()).encode()
                 return
-            load = "cold" if self.cold_loads > before else "warm"
-        messages: asyncio.Queue[dict | None] = asyncio.Queue()
-        done = asyncio.Event()
-        sent = False
-
-        async def receive() -> dict:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            await done.wait()
-            return {"type": "http.disconnect"}
-
-        async def send(message: dict) -> None:
-            await messages.put(message)
-
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": method,
-            "scheme": "http",
-            "path": path,
-            "raw_path": path.encode(),
-            "query_string": query,
-            "root_path": "",
-            "headers": [(k.lower().encode(), v.encode()) for k, v in headers],
-            "client": ("ray-serve", 0),
-            "server": ("modelserve", 0),
-            "app": self.app,
-        }
-        task = asyncio.create_task(self.app(scope, receive, send))
-        task.add_done_callback(lambda _: messages.put_nowait(None))
+            extra.append((ADAPTER_LOAD_HEADER, "cold" if cold else "warm"))
         try:
-            while (message := await messages.get()) is not None:
-                if message["type"] == "http.response.start":
-                    extra = [(REPLICA_HEADER, self.replica_id)] + ([(ADAPTER_LOAD_HEADER, load)] if load else [])
-                    out = [(k.decode(), v.decode()) for k, v in message.get("headers", []) if k != b"content-length"]
-                    yield (message["status"], out + extra)
-                elif message["type"] == "http.response.body":
-                    if message.get("body"):
-                        yield message["body"]
-                    if not message.get("more_body", False):
-                        break
+            if self.client is None:
+                limits = httpx.Limits(max_connections=None, max_keepalive_connections=self.max_connections)
+                self.client = httpx.AsyncClient(base_url=self.base_url, timeout=None, limits=limits)
+            url = path + (f"?{query.decode('latin-1')}" if query else "")
+            request = self.client.build_request(method, url, headers=headers, content=body)
+            response = await self.client.send(request, stream=True)
+            try:
+                out = [(k, v) for k, v in response.headers.multi_items() if k not in HOP_HEADERS]
+                yield (response.status_code, out + extra)
+                async for chunk in response.aiter_raw():
+                    yield chunk
+            finally:
+                await response.aclose()
+            if adapter is not None and path == "/v1/unload_lora_adapter" and response.status_code == 200:
+                self.adapters.forget(adapter[0])
         finally:
-            done.set()
-            if not task.done():
-                task.cancel()
-            if name is not None:
-                self._using[name] -= 1
+            if adapter is not None:
+                self.adapters.release(adapter[0])
 
 
-gateway_app = FastAPI(title="modelserve gateway", docs_url=None, redoc_url=None, openapi_url=None)
-
-
-def error_response(status: int, message: str, retry_after: int | None = None, **fields: Any) -> JSONResponse:
-    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
-    return APIError(status, message, headers=headers, **fields).response()
-
-
-@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
-@serve.ingress(gateway_app)
-class Gateway:
-    """The HTTP ingress: adapter-aware dispatch to the engine replicas, errors in the modelserve shape."""
-
-    def __init__(self, engine: DeploymentHandle, adapters: dict[str, str], routing: bool, retry_after_s: int) -> None:
-        self.engine = engine
-        self.adapters = dict(adapters)  # the catalog: name -> directory
-        self.unloaded: set[str] = set()
-        self.parents: dict[str, str] = {}  # adapter -> base model, as the replica that loaded it answered
-        self.routing = routing
-        self.retry_after_s = retry_after_s
-        self.directory = replica_directory()
-
-    @gateway_app.get("/ray/targets")
-    async def targets(self) -> JSONResponse:
-        """Prometheus HTTP service discovery: one target per live replica, labelled `replica`."""
-        found = await self.directory.list.remote()
-        for replica, address in list(found.items()):  # a killed replica never unregisters: drop what refuses
-            host, _, port = address.rpartition(":")
-            try:
-                _, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), timeout=1.0)
-                writer.close()
-            except (OSError, asyncio.TimeoutError):
-                del found[replica]
-                self.directory.unregister.remote(replica)
-        return JSONResponse([{"targets": [addr], "labels": {"replica": rid}} for rid, addr in sorted(found.items())])
-
-    @gateway_app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"])
-    async def forward(self, request: Request, path: str) -> Response:
-        body = await request.body()
-        path = "/" + path
-        adapter, streaming = None, False
-        if request.method == "POST" and path in GENERATION_PATHS:
-            try:
-                payload = json.loads(body)
-                model, streaming = payload.get("model"), bool(payload.get("stream"))
-            except (ValueError, AttributeError):
-                model = None  # the replica answers the 400
-            if isinstance(model, str) and model in self.unloaded:
-                return error_response(404, f"adapter {model!r} is not loaded", param="model", code="model_not_found")
-            if isinstance(model, str) and model in self.adapters:
-                adapter = (model, self.adapters[model])
-        unload = None
-        if request.method == "POST" and path == "/v1/unload_lora_adapter":
-            try:
-                unload = json.loads(body)["lora_name"]
-            except (ValueError, KeyError, TypeError):
-                unload = None  # the replica answers the 400
-            if unload not in self.adapters:
-                unload = None
-        options: dict[str, Any] = {"stream": True}
-        if adapter is not None and self.routing:
-            options["multiplexed_model_id"] = adapter[0]
-        elif unload is not None:
-            options["multiplexed_model_id"] = unload  # prefer a replica holding it
-        headers = [(k, v) for k, v in request.headers.items() if k not in ("host", "content-length")]
-        call = self.engine.options(**options).handle.remote(
-            request.method, path, request.url.query.encode(), headers, body, adapter
-        )
-        try:
-            stream = call.__aiter__()
-            status, out_headers = await stream.__anext__()
-            if not streaming:  # buffered: a replica lost mid-way is a clean 503, not a cut body
-                chunks = [chunk async for chunk in stream]
-                if unload is not None and status == 404:  # in the catalog, but not resident on that replica
-                    status, chunks = 200, [json.dumps(self._unloaded(unload)).encode()]
-                    out_headers = [(k, v) for k, v in out_headers if k.lower() != "content-type"]
-                    out_headers.append(("content-type", "application/json"))
-                response = Response(b"".join(chunks), status_code=status)
-                response.headers.update(dict(out_headers))
-                if status == 200 and request.method == "POST":
-                    self._record_admin(path, body, response.body)
-                return response
-        except BackPressureError:
-            return error_response(
-                429, "all replicas are busy: max_queued_requests reached", self.retry_after_s, code="queue_full"
-            )
-        except (RayError, StopAsyncIteration, RuntimeError) as exc:
-            return error_response(503, f"the replica serving this request failed: {type(exc).__name__}", 1)
-        return StreamingResponse(self._relay(stream), status_code=status, headers=dict(out_headers))
-
-    async def _relay(self, stream: Any) -> AsyncIterator[bytes]:
-        try:
-            async for chunk in stream:
-                yield chunk
-        except (RayError, RuntimeError) as exc:
-            error = APIError(503, f"the replica serving this request failed: {type(exc).__name__}").body()
-            yield f"data: {json.dumps(error)}\n\n".encode()
-
-    def _unloaded(self, name: str) -> dict[str, Any]:
-        return {"object": "lora_adapter", "lora_name": name, "parent": self.parents.get(name, ""), "status": "unloaded"}
-
-    def _record_admin(self, path: str, body: bytes, answer: bytes) -> None:
-        """Keep the catalog in step with a successful admin load or unload."""
-        if path == "/v1/load_lora_adapter":
-            request = json.loads(body)
-            self.adapters[request["lora_name"]] = str(Path(request["lora_path"]).expanduser().resolve())
-            self.unloaded.discard(request["lora_name"])
-            self.parents[request["lora_name"]] = json.loads(answer).get("parent", "")
-        elif path == "/v1/unload_lora_adapter":
-            name = json.loads(body)["lora_name"]
-            self.adapters.pop(name, None)
-            self.unloaded.add(name)
-
-
-def build_app(settings: Settings) -> serve.Application:
-    """The Ray Serve application for `settings` (replicas, autoscaling and backpressure from its ray_* fields)."""
+def build_app(settings: Settings, prefix_routing: bool | None = None) -> serve.Application:
+    """The Ray Serve application for `settings` (replicas, autoscaling and backpressure from its ray_* fields);
+    `prefix_routing` overrides `settings.ray_prefix_routing` (default on)."""
+    if prefix_routing is None:
+        prefix_routing = bool(getattr(settings, "ray_prefix_routing", True))
     engine_options: dict[str, Any] = {
         "max_ongoing_requests": settings.ray_max_ongoing_requests,
         "max_queued_requests": settings.ray_max_queued_requests,
@@ -396,7 +281,9 @@ def build_app(settings: Settings) -> serve.Application:
         * (replicas * settings.ray_max_ongoing_requests + max(settings.ray_max_queued_requests, 0))
         + 64
     )
-    return gateway.bind(engine.bind(replica_settings), adapters, settings.ray_adapter_routing, settings.retry_after_s)
+    return gateway.bind(
+        engine.bind(replica_settings), adapters, settings.ray_adapter_routing, settings.retry_after_s, prefix_routing
+    )
 
 
 def app_builder(args: dict[str, str]) -> serve.Application:

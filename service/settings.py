@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     artifacts_dir: Path = Path("artifacts")
     models: dict[str, Path] = Field(default_factory=dict)  # name -> Hugging Face model dir
     adapters: dict[str, Path] = Field(default_factory=dict)  # name -> PEFT adapter dir, loaded at start (pinned)
+    # Weight quantization per served model: name -> "int8" (models/quantization.py), or "*" -> "int8" for
+    # every model (`--quantization int8`). A checkpoint saved quantized loads quantized without an entry.
+    quantization: dict[str, Literal["int8", "none"]] = Field(default_factory=dict)
     # Admin loads (`POST /v1/load_lora_adapter`) accept only directories under these roots (after
     # resolving symlinks). Empty: artifacts_dir/adapters.
     adapter_roots: list[Path] = Field(default_factory=list)
@@ -44,13 +47,29 @@ class Settings(BaseSettings):
     # ---- engine and backpressure ----
     max_batch_size: int = Field(32, ge=1)  # sequences decoding at once per model (KV cache slots)
     max_tokens_per_step: int = Field(512, ge=16)  # tokens per engine step: bounds one step's latency
+    # Paged KV cache: the pool of each model in tokens (None: max_batch_size x max_model_len, the memory a
+    # slot per sequence took); max_batch_size is the most sequences running at once (vLLM's max_num_seqs).
+    kv_cache_tokens: int | None = Field(None, ge=16)
+    kv_block_size: int = Field(16, ge=1, le=1024)  # tokens per KV block
+    enable_prefix_caching: bool = True  # reuse the KV of full blocks of prompts already seen (per adapter load)
     max_waiting: int = Field(64, ge=0)  # queued requests per model beyond the running ones; more get 429
     request_timeout_s: float = Field(600.0, gt=0)  # a request still generating after this is cancelled (504)
-    drain_timeout_s: float = Field(30.0, ge=0)  # on SIGTERM, how long in-flight requests may take to finish
-    retry_after_s: int = Field(1, ge=0)  # the Retry-After header of a 429
+    # On SIGTERM, how long in-flight requests may take to finish; then the rest are cancelled and the
+    # process exits within about a second (the bound on the whole drain, see service/api/server.py).
+    drain_timeout_s: float = Field(30.0, ge=0)
+    retry_after_s: int = Field(1, ge=0)  # the Retry-After header of every 429 and 503
+    # A failed engine step fails only its own requests; this many failed steps in a row mark the engine dead
+    # (/health and /ready answer 503, so a liveness probe restarts the process).
+    max_consecutive_step_failures: int = Field(3, ge=1)
 
     # ---- request limits (each broken one is a 400 naming it) ----
     max_prompt_chars: int = Field(1_000_000, ge=1)  # checked before tokenizing
+    # A larger request body is a 413 before it is parsed (Content-Length, or bytes counted as a chunked
+    # body streams in). 8 MiB is above what max_prompt_chars can need: 1,000,000 chars as JSON `\uXXXX`
+    # escapes is 6 MB (raw UTF-8: at most 4 B/char), plus the rest of the body. Only characters outside
+    # the BMP escaped as surrogate pairs (12 B/char) could pass 8 MiB, and a prompt of ~700k of those
+    # is far beyond any max_model_len anyway (refused as too long either way).
+    max_request_bytes: int = Field(8 * 1024**2, ge=1024)
     max_stop_sequences: int = Field(4, ge=0)
     max_stop_chars: int = Field(64, ge=1)
     default_max_tokens: int = Field(16, ge=1)  # /v1/completions without max_tokens (OpenAI's default)
@@ -83,6 +102,7 @@ class Settings(BaseSettings):
     ray_replica_cpus: float = Field(1.0, gt=0)  # Ray CPUs reserved per replica (and its torch threads)
     ray_max_adapters_per_replica: int = Field(8, ge=1)  # resident adapters per replica (LRU beyond)
     ray_adapter_routing: bool = True  # prefer a replica where the request's adapter is resident
+    ray_prefix_routing: bool = True  # prefer the replica that served this prompt prefix (model + hash of 256 chars)
     ray_health_check_period_s: float = Field(2.0, gt=0)
     ray_metrics_host: str = "127.0.0.1"  # where each replica's own /metrics listens ("0.0.0.0" across nodes)
 

@@ -1,17 +1,15 @@
 """Service state and the routes' dependencies (as `Annotated` aliases): state, API-key checks.
 
-`ServiceState` holds what the routes share: settings, the engine (None while models load), the
-served models and known adapters, the metrics, the per-model admission counters (the bounded queue
-checked before any work) and the drain flag. Keys are compared in constant time with
-`hmac.compare_digest`, against every configured key (no early exit on a match).
+`ServiceState` holds what the routes share: settings, the metrics, the engine client (None while
+models load; it owns the models, the adapter catalog and admission) and the drain flag. Keys are
+compared in constant time with `hmac.compare_digest`, against every configured key (no early exit on
+a match).
 """
 
 from __future__ import annotations
 
 import hmac
-import threading
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -19,7 +17,7 @@ from fastapi import Depends, Request
 from service.api.errors import APIError
 from service.api.metrics import Metrics
 from service.engine import Engine
-from service.loading import LoadedModel
+from service.engine.client import EngineClient
 from service.settings import Settings
 
 
@@ -27,46 +25,27 @@ from service.settings import Settings
 class ServiceState:
     settings: Settings
     metrics: Metrics
-    engine: Engine | None = None
-    models: dict[str, LoadedModel] = field(default_factory=dict)
-    adapters: dict[str, tuple[str, Path]] = field(default_factory=dict)  # name -> (base model, directory)
+    client: EngineClient | None = None
     created: int = 0  # unix time the models were loaded (for /v1/models)
     loading: bool = True
     load_error: str | None = None
     draining: bool = False
-    in_flight: dict[str, int] = field(default_factory=dict)  # admitted, unfinished requests per model
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
-    def capacity(self) -> int:
-        """Requests per model admitted at once: the running batch plus the waiting queue."""
-        return self.settings.max_batch_size + self.settings.max_waiting
-
-    def admit(self, model: str) -> bool:
-        """Reserve one request slot of `model`; False when the model's queue is full."""
-        with self.lock:
-            count = self.in_flight.get(model, 0)
-            if count >= self.capacity:
-                return False
-            self.in_flight[model] = count + 1
-            return True
-
-    def release(self, model: str) -> None:
-        with self.lock:
-            self.in_flight[model] = max(0, self.in_flight.get(model, 0) - 1)
+    def engine(self) -> Engine | None:
+        return self.client.engine if self.client is not None else None
 
     def total_in_flight(self) -> int:
-        with self.lock:
-            return sum(self.in_flight.values())
+        return self.client.in_flight() if self.client is not None else 0
 
     def not_ready_reason(self) -> str | None:
         if self.load_error is not None:
             return f"loading failed: {self.load_error}"
-        if self.loading or self.engine is None:
+        if self.loading or self.client is None:
             return "loading models"
         if self.draining:
             return "draining: shutting down"
-        if not self.engine.alive:
+        if not self.client.engine.alive:
             return "the engine loop is not running"
         return None
 
@@ -113,6 +92,12 @@ def check_admin_key(request: Request, state: State) -> None:
         raise APIError(401, "admin routes are disabled: no admin API key is configured", code="invalid_api_key")
     if not _matches(token, settings.admin_api_keys):
         raise APIError(401, "this route needs an admin API key", code="invalid_api_key")
+
+
+def has_admin_key(request: Request, settings: Settings) -> bool:
+    """True when the request carries a configured admin key (never when no admin keys are configured)."""
+    token = _bearer(request)
+    return token is not None and bool(settings.admin_api_keys) and _matches(token, settings.admin_api_keys)
 
 
 def check_ops_key(request: Request, state: State) -> None:

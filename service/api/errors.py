@@ -2,12 +2,14 @@
 
 Everything a client can send wrong ends as a 4xx in this shape: pydantic validation errors and
 malformed JSON become 400 (not FastAPI's 422), engine refusals keep their status (400/404/429/503),
-and a 429 carries `Retry-After`. Only a fault of the server itself is a 500.
+and every 429 and 503 carries `Retry-After` (`retry_after_s`; the handlers add it where the raiser did
+not). Only a fault of the server itself is a 500.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -26,6 +28,7 @@ STATUS_TYPES = {
     405: "invalid_request_error",
     409: "conflict_error",
     413: "invalid_request_error",
+    499: "client_closed_request",
     429: "rate_limit_error",
     500: "server_error",
     503: "service_unavailable",
@@ -62,8 +65,12 @@ class APIError(Exception):
 
 def from_engine_error(exc: EngineError, retry_after: int) -> APIError:
     headers = {"Retry-After": str(retry_after)} if exc.status in (429, 503) else None
-    param = "model" if exc.status == 404 else None
-    return APIError(exc.status, str(exc), exc.kind, param=param, headers=headers)
+    param = exc.param or ("model" if exc.status == 404 else None)
+    return APIError(exc.status, str(exc), exc.kind, param=param, code=exc.code, headers=headers)
+
+
+# Location parts that name a union member, not a field: `str`, `list[str]`, the prompt's tags (schemas.py).
+UNION_MEMBER = re.compile(r"(str|int|float|bool|none|text|texts|ids|(list|dict)\[.*\])")
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -71,12 +78,14 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if not errors:
         return "invalid request", None
     first = errors[0]
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
-    param = ".".join(loc) or None
+    loc = [str(part) for part in first.get("loc", ()) if part != "body" and not UNION_MEMBER.fullmatch(str(part))]
     kind = first.get("type", "")
+    if kind == "unknown_field":  # schemas._Request: the field is in ctx, the location is its model
+        loc.append(str((first.get("ctx") or {}).get("field", "")))
+    param = ".".join(loc) or None
     if kind == "json_invalid":
         return f"the request body is not valid JSON: {first.get('msg', '')}", None
-    if kind == "extra_forbidden":
+    if kind in ("extra_forbidden", "unknown_field"):
         return f"unknown field {param!r}: this server does not support it", param
     message = first.get("msg", "invalid value")
     if param:
@@ -86,10 +95,20 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return message, param
 
 
+RETRY_STATUSES = (429, 503)
+
+
+def _with_retry_after(request: Request, error: APIError) -> JSONResponse:
+    if error.status in RETRY_STATUSES and not any(k.lower() == "retry-after" for k in error.headers):
+        service = getattr(request.app.state, "service", None)
+        error.headers = {**error.headers, "Retry-After": str(service.settings.retry_after_s if service else 1)}
+    return error.response()
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
-        return exc.response()
+        return _with_retry_after(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -101,7 +120,7 @@ def install(app: FastAPI) -> None:
         message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         if exc.status_code == 400 and message == "There was an error parsing the body":
             message = "the request body is not valid JSON in UTF-8"
-        return APIError(exc.status_code, message, headers=dict(exc.headers or {})).response()
+        return _with_retry_after(request, APIError(exc.status_code, message, headers=dict(exc.headers or {})))
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, exc: Exception) -> JSONResponse:

@@ -17,11 +17,11 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
-from adapters.registry import AdapterRegistry
 from service.engine import StepStats, TokenEvent
 
 PREFIX = "modelserve_"
@@ -85,7 +85,8 @@ class Metrics:
     def __init__(self, top_adapters: int = 16) -> None:
         self.registry = CollectorRegistry()
         self.adapters = AdapterLabels(top_adapters)
-        self.registries: dict[str, AdapterRegistry] = {}
+        # base model -> its adapter registry (read at scrape time: `resident`, `stats`)
+        self.registries: dict[str, Any] = {}
         self.ready_probe: Callable[[], bool] | None = None  # set by the app: is the service ready now?
         r, ma = self.registry, ["model", "adapter"]
 
@@ -145,7 +146,8 @@ class Metrics:
         )
         self.kv_usage = Gauge(
             PREFIX + "kv_cache_usage_ratio",
-            "Fraction (0..1) of the model's KV cache token capacity held by running requests, after the latest step.",
+            "Fraction (0..1) of the model's paged KV pool held by running requests, after the latest step "
+            "(KV blocks held over blocks in the pool; cached blocks that can be evicted count as free).",
             ["model"],
             registry=r,
         )
@@ -174,16 +176,42 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.prefix_queries = Counter(
+            PREFIX + "prefix_cache_queries_total",
+            "Prompt tokens looked up in the prefix cache when requests were admitted (recomputations included).",
+            ["model"],
+            registry=r,
+        )
+        self.prefix_hits = Counter(
+            PREFIX + "prefix_cache_hits_total",
+            "Of the prompt tokens looked up, those whose KV was found in the prefix cache (not prefilled again).",
+            ["model"],
+            registry=r,
+        )
+        self.preemptions = Counter(
+            PREFIX + "num_preemptions_total",
+            "Running requests preempted because the KV pool ran out (their KV freed and recomputed later).",
+            ["model"],
+            registry=r,
+        )
+        self.model_info = Gauge(
+            PREFIX + "model_info",
+            "1 for each served base model, labelled with where and how its weights are held.",
+            ["model", "device", "dtype", "quantization"],
+            registry=r,
+        )
         r.register(_AdapterRegistryCollector(self))
 
     # ---- set-up ----
-    def add_model(self, model: str, registry: AdapterRegistry | None) -> None:
+    def add_model(self, model: str, registry: Any | None, device: str = "", dtype: str = "", quant: str = "") -> None:
         """Create the model's series at zero, so every metric is present before the first request."""
+        self.model_info.labels(model, device, dtype, quant or "none").set(1)
         for outcome in OUTCOMES:
             self.requests.labels(model, NO_ADAPTER, outcome)
         for metric in (self.prompt_tokens, self.generation_tokens, self.ttft, self.itl, self.e2e, self.queue_time):
             metric.labels(model, NO_ADAPTER)
-        for metric in (self.running, self.waiting, self.kv_usage, self.batch_size, self.spec_draft, self.spec_accepted):
+        per_model = (self.running, self.waiting, self.kv_usage, self.batch_size, self.spec_draft, self.spec_accepted)
+        for metric in (*per_model, self.prefix_queries, self.prefix_hits, self.preemptions):
             metric.labels(model)
         if registry is not None:
             self.registries[model] = registry
@@ -205,6 +233,11 @@ class Metrics:
             self.spec_draft.labels(model).inc(stats.spec_draft_tokens)
         if stats.spec_accepted_tokens:
             self.spec_accepted.labels(model).inc(stats.spec_accepted_tokens)
+        if stats.prefix_cache_queries:
+            self.prefix_queries.labels(model).inc(stats.prefix_cache_queries)
+            self.prefix_hits.labels(model).inc(stats.prefix_cache_hits)
+        if stats.preemptions:
+            self.preemptions.labels(model).inc(stats.preemptions)
 
     # ---- requests ----
     def track(self, model: str, adapter: str | None, prompt_tokens: int, arrival: float) -> RequestTracker:

@@ -2,7 +2,10 @@
 
 Streaming answers are SSE (`data: {json}\\n\\n` ... `data: [DONE]\\n\\n`); chunks are built as plain
 dicts and serialised once (the per-token path stays cheap). A non-streaming request waits for its
-result while watching the connection: a client that goes away cancels generation at once.
+result while watching the connection: a client that goes away cancels generation at once, quietly
+(no traceback: the handler ends with a response nobody reads). The OpenAPI `responses` list every
+status these routes answer, each error with the `ErrorResponse` schema; app.py adds 400 and 413 to
+every operation with a body. `GET /v1/models` shows filesystem paths (`root`) only to admin keys.
 """
 
 from __future__ import annotations
@@ -17,9 +20,9 @@ from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 
 from service.api import chat
-from service.api.deps import State, UserAuth
+from service.api.deps import ServiceState, State, UserAuth, has_admin_key
 from service.api.errors import APIError
-from service.api.generation import Generation, Target, check_text, start, wait_disconnect
+from service.api.generation import api_error, resolve, start, wait_disconnect
 from service.api.schemas import (
     AssistantMessage,
     ChatChoice,
@@ -28,57 +31,107 @@ from service.api.schemas import (
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
+    ErrorResponse,
     ModelCard,
     ModelList,
     Usage,
 )
+from service.engine import EngineError, TokenEvent
+from service.engine.client import RequestHandle
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
 ERRORS = {
-    code: {"description": text}
+    code: {"model": ErrorResponse, "description": text}
     for code, text in [
-        (400, "invalid request, prompt too long"),
+        (400, "invalid request, or prompt too long"),
         (401, "missing or wrong API key"),
         (404, "unknown model or adapter"),
-        (429, "queue full; see Retry-After"),
-        (503, "loading or draining; see Retry-After"),
-        (504, "request_timeout_s"),
+        (409, "an evicted adapter could not be reloaded: no room (every resident adapter pinned or in use)"),
+        (413, "request body over max_request_bytes"),
+        (429, "the model's queue is full; see Retry-After"),
+        (500, "the engine failed while generating (never for what a client sent)"),
+        (503, "loading, draining, engine not running, or aborted on shutdown; see Retry-After"),
+        (504, "request_timeout_s passed; generation was cancelled"),
     ]
 }
+CLIENT_CLOSED = 499  # nginx's "client closed request": the status of an answer nobody reads
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def generation_responses(chunk: str) -> dict:
+    """`responses` of a generation route: JSON, or with `stream: true` SSE events (each event's `data` is a
+    `chunk` schema as JSON, an error, or `[DONE]`); then every error. app.py puts `chunk` in components."""
+    data = {
+        "oneOf": [
+            {"const": "[DONE]"},
+            {
+                "type": "string",
+                "contentMediaType": "application/json",
+                "contentSchema": {
+                    "anyOf": [
+                        {"$ref": f"#/components/schemas/{chunk}"},
+                        {"$ref": "#/components/schemas/ErrorResponse"},
+                    ]
+                },
+            },
+        ],
+        "description": f"A {chunk} as JSON; an error after the stream started is one ErrorResponse event; "
+        "the last event is `[DONE]`.",
+    }
+    event = {"type": "object", "required": ["data"], "properties": {"data": data}}
+    ok = {
+        "description": "The completion (JSON), or with `stream: true` a server-sent event stream.",
+        "content": {"text/event-stream": {"schema": event}},
+    }
+    return {200: ok, **ERRORS}
 
 
 def _sse(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},  # served from the prefix cache
     }
 
 
-async def _collect(gen: Generation, request: Request) -> tuple[str, str, int, int]:
-    """(text, finish_reason, prompt_tokens, completion_tokens); cancels when the client disconnects."""
+def _failure(gen: RequestHandle, event: TokenEvent, state: ServiceState) -> APIError | None:
+    error = gen.failure(event)
+    return api_error(error, state) if error is not None else None
+
+
+async def _collect(gen: RequestHandle, request: Request, state: ServiceState) -> tuple[str, str, int, int, int]:
+    """(text, finish_reason, prompt_tokens, completion_tokens, cached_tokens); cancels when the client disconnects."""
     work = asyncio.ensure_future(gen.result())
     watcher = asyncio.ensure_future(wait_disconnect(request))
     try:
         await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
-        if not work.done():  # client gone (or this handler cancelled): stop generating for it
+        gone = not work.done()
+        if gone:  # client gone (or this handler cancelled: then that CancelledError goes on): stop generating
             work.cancel()
             gen.close()
+    if gone:  # an answer nobody reads, instead of an exception (and a traceback in the log)
+        raise APIError(CLIENT_CLOSED, "the client closed the connection; generation cancelled")
     text, event = work.result()
-    error = gen.failure(event)
+    error = _failure(gen, event, state)
     if error is not None:
         raise error
-    return text, event.finish_reason, event.prompt_tokens, event.completion_tokens
+    return text, event.finish_reason, event.prompt_tokens, event.completion_tokens, event.cached_tokens
 
 
-def _stream(gen: Generation, make_chunk: Callable[[str, str | None], dict], include_usage: bool, first: dict | None):
+def _stream(
+    gen: RequestHandle,
+    state: ServiceState,
+    make_chunk: Callable[[str, str | None], dict],
+    include_usage: bool,
+    first: dict | None,
+):
     """SSE response over the generation's events; `make_chunk(text, finish_reason)` builds one chunk."""
 
     async def body() -> AsyncIterator[str]:
@@ -87,7 +140,7 @@ def _stream(gen: Generation, make_chunk: Callable[[str, str | None], dict], incl
                 yield _sse(first)
             async for event in gen.events():
                 if event.finish_reason is not None:
-                    error = gen.failure(event)
+                    error = _failure(gen, event, state)
                     if error is not None:
                         yield _sse(error.body())
                         break
@@ -99,7 +152,7 @@ def _stream(gen: Generation, make_chunk: Callable[[str, str | None], dict], incl
                         usage = {
                             **make_chunk("", None),
                             "choices": [],
-                            "usage": _usage(event.prompt_tokens, event.completion_tokens),
+                            "usage": _usage(event.prompt_tokens, event.completion_tokens, event.cached_tokens),
                         }
                         yield _sse(usage)
                     break
@@ -117,27 +170,22 @@ def _stream(gen: Generation, make_chunk: Callable[[str, str | None], dict], incl
     )
 
 
-@router.post("/completions", response_model=CompletionResponse, responses=ERRORS)
+@router.post("/completions", response_model=CompletionResponse, responses=generation_responses("CompletionResponse"))
 async def completions(body: CompletionRequest, request: Request, state: State, _: UserAuth):
     """Text completion of one prompt (a string, a list of one string, or token ids)."""
 
-    async def prompt(target: Target) -> str | list[int]:
-        value = body.prompt
-        if isinstance(value, list) and value and isinstance(value[0], str):
-            if len(value) != 1:
-                raise APIError(
-                    400, f"prompt holds {len(value)} strings; this server takes one per request", param="prompt"
-                )
-            value = value[0]
+    client, target = resolve(state, body.model)
+    value = body.prompt
+    if isinstance(value, list) and value and isinstance(value[0], str):
+        value = value[0]  # the schema allows one string per request
+    try:
         if isinstance(value, str):
-            check_text(value, state.settings.max_prompt_chars, "prompt")
-            return value
-        vocab = target.loaded.config.vocab_size
-        if any(not 0 <= t < vocab for t in value):
-            raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
-        return list(value)
-
-    gen = await start(state, body, prompt, state.settings.default_max_tokens)
+            client.check_text(value, "prompt")
+        else:
+            client.check_token_ids(target, value)
+    except EngineError as exc:
+        raise api_error(exc, state) from exc
+    gen = await start(state, body, target, value, state.settings.default_max_tokens)
     created = int(time.time())
     cid = f"cmpl-{gen.id}"
     if body.stream:
@@ -152,9 +200,9 @@ async def completions(body: CompletionRequest, request: Request, state: State, _
             }
 
         include = bool(body.stream_options and body.stream_options.include_usage)
-        return _stream(gen, chunk, include, None)
+        return _stream(gen, state, chunk, include, None)
     try:
-        text, finish, prompt_tokens, completion_tokens = await _collect(gen, request)
+        text, finish, prompt_tokens, completion_tokens, cached = await _collect(gen, request, state)
     finally:
         gen.close()
     return CompletionResponse(
@@ -162,25 +210,28 @@ async def completions(body: CompletionRequest, request: Request, state: State, _
         created=created,
         model=body.model,
         choices=[CompletionChoice(text=text, finish_reason=finish)],
-        usage=Usage(**_usage(prompt_tokens, completion_tokens)),
+        usage=Usage(**_usage(prompt_tokens, completion_tokens, cached)),
     )
 
 
-@router.post("/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)
+@router.post(
+    "/chat/completions", response_model=ChatCompletionResponse, responses=generation_responses("ChatCompletionChunk")
+)
 async def chat_completions(body: ChatCompletionRequest, request: Request, state: State, _: UserAuth):
     """Chat completion: the messages are rendered with the model's chat template (see README)."""
 
-    async def prompt(target: Target) -> str:
-        tokenizer = target.loaded.served.tokenizer
+    client, target = resolve(state, body.model)
+    info = client.model(target.base)
+    try:
         for i, message in enumerate(body.messages):
-            check_text(chat.message_text(message, i), state.settings.max_prompt_chars, f"messages[{i}].content")
+            client.check_text(chat.message_text(message, i), f"messages[{i}].content")
         text = chat.render(
-            body.messages, tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token, body.add_generation_prompt
+            body.messages, info.chat_template, info.bos_token, info.eos_token, body.add_generation_prompt
         )
-        check_text(text, state.settings.max_prompt_chars, "messages")
-        return text
-
-    gen = await start(state, body, prompt, state.settings.default_chat_max_tokens)
+        client.check_text(text, "messages")
+    except EngineError as exc:
+        raise api_error(exc, state) from exc
+    gen = await start(state, body, target, text, state.settings.default_chat_max_tokens)
     created = int(time.time())
     cid = f"chatcmpl-{gen.id}"
     if body.stream:
@@ -200,9 +251,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
         first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
         if include:
             first["usage"] = None
-        return _stream(gen, chunk, include, first)
+        return _stream(gen, state, chunk, include, first)
     try:
-        text, finish, prompt_tokens, completion_tokens = await _collect(gen, request)
+        text, finish, prompt_tokens, completion_tokens, cached = await _collect(gen, request, state)
     finally:
         gen.close()
     return ChatCompletionResponse(
@@ -210,38 +261,44 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
         created=created,
         model=body.model,
         choices=[ChatChoice(message=AssistantMessage(content=text), finish_reason=finish)],
-        usage=Usage(**_usage(prompt_tokens, completion_tokens)),
+        usage=Usage(**_usage(prompt_tokens, completion_tokens, cached)),
     )
 
 
 @router.get("/models", response_model=ModelList, responses={401: ERRORS[401]})
-async def list_models(state: State, _: UserAuth) -> ModelList:
-    """Base models, and adapters with `parent` = their base model, with sizes."""
-    cards = []
-    for name, loaded in state.models.items():
-        params = list(loaded.served.model.parameters())
-        cards.append(
-            ModelCard(
-                id=name,
-                created=state.created,
-                root=str(loaded.directory),
-                max_model_len=loaded.served.max_model_len,
-                parameters=sum(p.numel() for p in params),
-                size_bytes=sum(p.numel() * p.element_size() for p in params),
-            )
+async def list_models(request: Request, state: State, _: UserAuth) -> ModelList:
+    """Base models, and adapters with `parent` = their base model, with sizes; `root` (a server path) only
+    for an admin key."""
+    admin = has_admin_key(request, state.settings)
+    client = state.client
+    if client is None:  # still loading
+        return ModelList(data=[])
+    models = {info.name: info for info in client.models()}
+    cards = [
+        ModelCard(
+            id=info.name,
+            created=state.created,
+            root=str(info.directory) if admin else None,
+            max_model_len=info.max_model_len,
+            parameters=info.parameters,
+            size_bytes=info.size_bytes,
+            dtype=info.dtype,
+            quantization=info.quantization,
         )
-    for name, (base, directory) in list(state.adapters.items()):
-        info = state.models[base].served.registry.resident.get(name)
+        for info in models.values()
+    ]
+    for card in client.adapters():
         cards.append(
             ModelCard(
-                id=name,
+                id=card.name,
                 created=state.created,
-                root=str(directory),
-                parent=base,
-                max_model_len=state.models[base].served.max_model_len,
-                size_bytes=info.bytes if info else 0,
-                lora_rank=info.rank if info else None,
-                resident=info is not None,
+                root=str(card.directory) if admin else None,
+                parent=card.base,
+                max_model_len=models[card.base].max_model_len,
+                size_bytes=card.size_bytes,
+                lora_rank=card.rank,
+                resident=card.resident,
+                dtype=models[card.base].dtype,
             )
         )
     return ModelList(data=cards)

@@ -4,45 +4,124 @@ Requests forbid unknown fields: a field this server would silently ignore (`logi
 `echo`) could mislead, so it is a 400. OpenAI fields that are accepted only at their no-op value
 (`n=1`, penalties 0, `logprobs` null, ...) are listed so that clients sending the defaults work.
 Limits that depend on Settings (stop strings, prompt size) are checked in the routes.
+
+Numbers and booleans are not converted from strings or booleans, as in OpenAI's API: `"max_tokens": "5"`,
+`"temperature": true` or `"stream": "yes"` are 400s. A float field takes an integer (`1` is 1.0) and an
+integer field a JSON number with no fraction (`5.0`: JSON Schema's `integer`, which the OpenAPI document
+promises; `5.5` is a 400). Token ids are strict ints.
+A prompt list is validated as the one member its first element points to, and stops at its first bad
+element (`FailFast`): pydantic would otherwise try every member of the union and build one error per
+element, seconds of event-loop time for a body of a million `true`s.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StrictInt,
+    Tag,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+
+def _number_only(value: Any) -> Any:
+    if isinstance(value, (str, bool)):
+        raise PydanticCustomError(
+            "int_type", "Input should be a valid integer, not a {kind}", {"kind": type(value).__name__}
+        )
+    return value
+
+
+def json_int(**bounds: int) -> Any:
+    """An integer field: a JSON number without a fraction, never a string or a boolean (bounds before the
+    validator, so that the JSON schema keeps them as `minimum` / `maximum`)."""
+    return Annotated[int, Field(**bounds), BeforeValidator(_number_only)]
 
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _unknown_fields(cls, data: Any) -> Any:
+        """One error for the first unknown field (`extra="forbid"` would build one per field: a body of a
+        million unknown keys would hold the event loop for seconds)."""
+        if isinstance(data, dict) and data.keys() - cls.model_fields.keys():
+            name = next(key for key in data if key not in cls.model_fields)
+            raise PydanticCustomError(
+                "unknown_field", "unknown field '{field}': this server does not support it", {"field": str(name)}
+            )
+        return data
+
+
+def _prompt_kind(value: Any) -> str | None:
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, list):
+        return "texts" if value and isinstance(value[0], str) else "ids"
+    return None
+
+
+TOKEN_ID = WithJsonSchema({"type": "integer", "minimum": 0})
+# One member validated, chosen by the value's shape (a plain union would try each member in turn).
+Prompt = Annotated[
+    Annotated[str, Tag("text")]
+    | Annotated[list[str], Field(min_length=1, max_length=1, fail_fast=True), Tag("texts")]
+    # ids >= 0 is documented but checked in the route with the vocabulary bound (a per-item bound here
+    # would double the validation time of a long list).
+    | Annotated[list[Annotated[StrictInt, TOKEN_ID]], Field(fail_fast=True), Tag("ids")],
+    Discriminator(
+        _prompt_kind,
+        custom_error_type="prompt_type",
+        custom_error_message="prompt must be a string, a list of one string, or a list of integer token ids",
+    ),
+]
+
 
 class StreamOptions(_Request):
-    include_usage: bool = False
+    include_usage: bool = Field(False, strict=True)
 
 
 class SamplingFields(_Request):
     model: str = Field(min_length=1, description="A base model name or an adapter name (see GET /v1/models).")
-    max_tokens: int | None = Field(None, ge=1, description="Tokens to generate at most.")
-    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 is greedy.")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=-1, description="0 or -1: off.")
-    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="A seeded request samples reproducibly.")
-    stop: str | list[str] | None = None
-    stream: bool = False
+    max_tokens: json_int(ge=1) | None = Field(None, description="Tokens to generate at most.")
+    temperature: float = Field(1.0, ge=0.0, le=2.0, strict=True, description="0 is greedy.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, strict=True)
+    top_k: json_int(ge=-1) = Field(0, description="0 or -1: off.")
+    seed: json_int(ge=0, le=2**63 - 1) | None = Field(None, description="A seeded request samples reproducibly.")
+    stop: str | Annotated[list[str], Field(fail_fast=True)] | None = None
+    stream: bool = Field(False, strict=True)
     stream_options: StreamOptions | None = None
-    ignore_eos: bool = Field(False, description="vLLM extension: keep generating past the end-of-sequence token.")
+    ignore_eos: bool = Field(
+        False, strict=True, description="vLLM extension: keep generating past the end-of-sequence token."
+    )
     user: str | None = None
     # OpenAI fields accepted only at their no-op value.
     n: Literal[1] = 1
     presence_penalty: Literal[0] = 0
     frequency_penalty: Literal[0] = 0
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, Any] | None = None  # refused unless empty: its values are not validated
     logprobs: None = None
 
-    @field_validator("logit_bias")
+    @field_validator("n", "presence_penalty", "frequency_penalty", mode="before")
     @classmethod
-    def _no_bias(cls, value: dict | None) -> dict | None:
+    def _no_bool(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # Literal[1] would take `true` as 1
+            raise ValueError("must be a number, not a boolean")
+        return value
+
+    @field_validator("logit_bias", mode="before")  # before: a huge map is refused without validating it
+    @classmethod
+    def _no_bias(cls, value: Any) -> Any:
         if value:
             raise ValueError("logit_bias is not supported")
         return value
@@ -54,9 +133,7 @@ class SamplingFields(_Request):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] = Field(
-        description="One prompt: a string, a list of one string, or a list of token ids."
-    )
+    prompt: Prompt = Field(description="One prompt: a string, a list of one string, or a list of token ids.")
     echo: Literal[False] = False
     best_of: Literal[1] | None = None
     suffix: None = None
@@ -64,14 +141,14 @@ class CompletionRequest(SamplingFields):
 
 class ChatMessage(_Request):
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[dict] | None = None
+    content: str | Annotated[list[dict], Field(fail_fast=True)] | None = None
     name: str | None = None
 
 
 class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
-    add_generation_prompt: bool = True
-    max_completion_tokens: int | None = Field(None, ge=1, description="OpenAI's newer name for max_tokens.")
+    messages: Annotated[list[ChatMessage], Field(fail_fast=True)] = Field(min_length=1)
+    add_generation_prompt: bool = Field(True, strict=True)
+    max_completion_tokens: json_int(ge=1) | None = Field(None, description="OpenAI's newer name for max_tokens.")
     logprobs: Literal[False] | None = None
     top_logprobs: None = None
     parallel_tool_calls: None = None
@@ -80,10 +157,15 @@ class ChatCompletionRequest(SamplingFields):
     response_format: None = None
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(0, description="Prompt tokens whose KV came from the prefix cache.")
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class CompletionChoice(BaseModel):
@@ -149,11 +231,21 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "modelserve"
-    root: str = Field(description="The base model's directory, or the adapter's directory.")
+    root: str | None = Field(
+        None,
+        description="The base model's or the adapter's directory on the server: shown only to a request "
+        "carrying an admin API key (null otherwise, and always when no keys are configured).",
+    )
     parent: str | None = Field(None, description="For an adapter: the base model it is bound to.")
     max_model_len: int | None = None
     parameters: int | None = Field(None, description="Base model: parameter count.")
     size_bytes: int = Field(description="Bytes of weights in memory (model) or of resident LoRA weights (adapter).")
+    dtype: str | None = Field(
+        None, description="Base model: dtype of its float parts (activations, norms); adapter: of its LoRA weights."
+    )
+    quantization: str | None = Field(
+        None, description="Base model: weight quantization (`int8`) or null for float weights; adapters are float."
+    )
     lora_rank: int | None = None
     resident: bool = True
 
@@ -182,6 +274,19 @@ class LoraResponse(BaseModel):
     status: Literal["loaded", "unloaded"]
     lora_rank: int | None = None
     size_bytes: int | None = None
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error (4xx, 5xx) in the OpenAI shape."""
+
+    error: ErrorDetail
 
 
 class HealthResponse(BaseModel):

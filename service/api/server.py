@@ -1,15 +1,18 @@
 """`modelserve serve`: Settings from flags/file/environment, the app, and uvicorn with a graceful drain.
 
-SIGTERM (or Ctrl-C): `/ready` turns 503 and new generation requests get 503 while in-flight ones
-finish, up to `drain_timeout_s`; then uvicorn shuts down (the engine stops in the app's lifespan) and
-the process exits 0. A second signal exits at once. Connections stay open during the drain, so
-clients and load balancers see the 503s instead of refused connections. If loading the models
-fails, the server exits 1.
+SIGTERM (or Ctrl-C): `/ready` turns 503 and new generation requests get 503 (counted as `rejected`)
+while in-flight ones finish, up to `drain_timeout_s`. Requests still running then are cancelled: the
+engine is stopped, which ends each of them with `abort` (503 with Retry-After, or an SSE error event),
+so uvicorn's own graceful wait (`GRACE_S`, a backstop) finds them done; uvicorn ends about a
+second after the drain ends: `drain_timeout_s` bounds the whole drain. A second signal cancels what
+runs and exits. Connections stay open during the drain, so clients and load balancers see the 503s
+instead of refused connections. If loading the models fails, the server exits 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import signal
 import sys
@@ -24,6 +27,9 @@ from service.api.deps import ServiceState
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
+# uvicorn's graceful shutdown, after the drain: the handlers of cancelled requests answer within one
+# engine step; this only bounds a handler that does not (its task is then cancelled).
+GRACE_S = 2.0
 
 
 def parse_pairs(values: list[str] | None, flag: str) -> dict[str, str]:
@@ -43,6 +49,7 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self.state = state
         self.drain_started: float | None = None
+        self.engine_stopping = False
         self.exit_code = 0
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
@@ -55,17 +62,34 @@ class DrainingServer(uvicorn.Server):
         self.state.draining = True
         self.state.engine.accepting = False
 
+    def cancel_running(self) -> None:
+        """End every request still running with `abort`: stop the engine (off the event loop: it joins the
+        engine thread, which ends its requests after its current step)."""
+        engine = self.state.engine
+        if engine is not None and not self.engine_stopping:
+            self.engine_stopping = True
+            asyncio.get_running_loop().run_in_executor(None, engine.stop)
+
     async def on_tick(self, counter: int) -> bool:
         state = self.state
         if state.load_error is not None:
             self.exit_code = 1
             return True
-        if self.drain_started is not None and not self.should_exit:
-            busy = state.total_in_flight() + (state.engine.num_unfinished() if state.engine else 0)
+        if self.drain_started is not None and self.should_exit:
+            self.cancel_running()  # a second signal during the drain (or the drain ended): end what runs
+        elif self.drain_started is not None:
+            # Each engine request belongs to an admitted API request: the larger count is the number
+            # running (the engine's can lag a just-closed request by one step).
+            running = max(state.total_in_flight(), state.engine.num_unfinished() if state.engine else 0)
             waited = time.monotonic() - self.drain_started
-            if busy == 0 or waited > state.settings.drain_timeout_s:
-                if busy:
-                    log.warning("drain timeout: %d request(s) still running are cancelled", busy)
+            if running == 0 or waited > state.settings.drain_timeout_s:
+                if running:
+                    log.warning(
+                        "drain timeout (drain_timeout_s=%g): cancelling %d running request(s)",
+                        state.settings.drain_timeout_s,
+                        running,
+                    )
+                    self.cancel_running()
                 else:
                     log.info("drained in %.2fs", waited)
                 self.should_exit = True
@@ -82,6 +106,7 @@ def settings_from_args(args: argparse.Namespace, **extra: object) -> Settings:
         models=parse_pairs(args.model, "--model"),
         adapters=parse_pairs(args.adapter, "--adapter"),
         drafts=parse_pairs(getattr(args, "draft", None), "--draft"),
+        quantization={"*": args.quantization} if getattr(args, "quantization", None) else None,
         **extra,
     )
 
@@ -105,7 +130,7 @@ def serve(args: argparse.Namespace) -> int:
         port=settings.port,
         log_level=settings.log_level,
         access_log=settings.log_level == "debug",
-        timeout_graceful_shutdown=5,
+        timeout_graceful_shutdown=GRACE_S,
         log_config=None,
     )
     server = DrainingServer(config, app.state.service)

@@ -11,19 +11,36 @@ FINISH_STOP, FINISH_LENGTH, FINISH_ABORT, FINISH_ERROR = "stop", "length", "abor
 
 
 class EngineError(Exception):
-    """Base of the errors a request can meet before it runs; `limit` names the limit broken."""
+    """Base of the errors a request can meet before it runs; `status`/`kind` are its HTTP meaning,
+    `param` the request field at fault (if any), `code` a machine-readable reason."""
 
     status = 400
     kind = "invalid_request_error"
 
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+        self.code = code
 
-class RequestTooLargeError(EngineError):
+
+class InvalidRequestError(EngineError):
+    """A request (or adapter) the engine cannot take as it is (HTTP 400)."""
+
+
+class RequestTooLargeError(InvalidRequestError):
     """The prompt (plus max_tokens) does not fit the model's context or the engine's limits."""
 
 
 class UnknownModelError(EngineError):
     status = 404
     kind = "not_found_error"
+
+
+class ConflictError(EngineError):
+    """An adapter name taken or being loaded, an adapter in use, or no room for one (HTTP 409)."""
+
+    status = 409
+    kind = "conflict_error"
 
 
 class QueueFullError(EngineError):
@@ -38,6 +55,10 @@ class EngineUnavailableError(EngineError):
 
     status = 503
     kind = "service_unavailable"
+
+
+class StoreUnavailableError(EngineUnavailableError):
+    """An adapter's files went bad after it was loaded: the server's store is at fault (HTTP 503)."""
 
 
 @dataclass(frozen=True)

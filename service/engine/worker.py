@@ -234,6 +234,8 @@ class ModelWorker:
         if seq.released:  # already ended (e.g. a step failing after the sequence stopped)
             return
         seq.released = True
+        if reason in (FINISH_STOP, FINISH_LENGTH):  # its KV came from successful forwards: keep the full blocks
+            self.blocks.register(seq.table, seq.all_tokens(), seq.num_computed)
         self.scheduler.remove(seq)
         self.finished_ids.append(seq.request_id)
         self.blocks.free(seq.table)

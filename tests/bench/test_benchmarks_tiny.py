@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from bench.run import BENCHMARKS, run_benchmarks
-from service.cli import main
+from modelserve.cli import main
 
 MACHINE_FIELDS = {"platform", "cpu_count", "torch", "date"}
 ATTENTION_FIELDS = {"length", "eager_ms", "sdpa_ms", "speedup", "eager_peak_mib", "sdpa_peak_mib", "memory_ratio"}
@@ -24,7 +24,7 @@ MOE_FIELDS = {"tokens", "ours_ms", "hf_grouped_mm_ms", "hf_eager_ms", "speedup_v
 def reports(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("reports")
     argv = ["bench", "--tiny", "--out", str(out)]
-    for name in ("attention", "moe_dispatch", "speculative", "http_overhead", "soak"):
+    for name in ("attention", "moe_dispatch", "speculative", "http_overhead", "soak", "prefix_cache", "quantization"):
         argv += ["--only", name]
     assert main(argv) == 0
     return out
@@ -82,6 +82,38 @@ def test_soak_report(reports: Path) -> None:
     assert all(row["rss_mib"] > 0 for row in payload["rows"])
     assert meta["server_exit_code_after_sigterm"] == 0
     assert "| t_s |" in (reports / "soak.md").read_text()
+
+
+def test_prefix_cache_report(reports: Path) -> None:
+    """TTFT with a cached prefix, concurrency under a KV budget, decode on the paged vs the old slot layout."""
+    payload = load(reports, "prefix_cache")
+    meta, rows = payload["meta"], payload["rows"]
+    assert [row["paged"] for row in rows][:3] == ["warm: prefix cached", "paged", "paged"]
+    assert all(row["ratio"] > 0 for row in rows)
+    assert meta["ttft_cached_tokens"] == [meta["config"]["prefix_len"]]  # the warm request hit the whole prefix
+    assert meta["correctness"] == {"same_first_token_cold_warm": True, "same_ids_paged_slot": True}
+    concurrency = rows[1]
+    assert concurrency["baseline_value"] == meta["config"]["budget_tokens"] // meta["config"]["max_model_len"]
+    assert concurrency["paged_value"] > concurrency["baseline_value"]
+    for costs in meta["decode"].values():  # the baseline is the old layout computing the same logits
+        assert costs["paged_slots_max_abs_diff"] < 1e-4 and costs["paged_scattered_max_abs_diff"] < 1e-4
+    assert len(meta["notes"]) == 3 + len(meta["decode"]) and all("met" in t for t in meta["target"].values())
+    assert "| measure |" in (reports / "prefix_cache.md").read_text()
+
+
+def test_quantization_report(reports: Path) -> None:
+    """float32, bfloat16 and int8 (float32 or bfloat16 activations) of one random model; the kernel options."""
+    payload = load(reports, "quantization")
+    rows = {row["variant"]: row for row in payload["rows"]}
+    assert list(rows) == ["float32", "bfloat16", "int8", "int8_bf16act"]
+    for row in rows.values():
+        assert row["disk_mb"] > 0 and row["memory_mb"] > 0 and row["b1_step_ms"] > 0 and row["val_bpb"] > 0
+    assert rows["int8"]["smaller_in_memory"] > 3.0 and rows["bfloat16"]["smaller_in_memory"] > 1.9
+    assert abs(rows["int8"]["bpb_change"]) < 0.05 and 0 <= rows["int8"]["greedy_agreement"] <= 1
+    meta = payload["meta"]
+    assert len(meta["target"]) == 6 and meta["kernel_options"]
+    assert {"float32", "bfloat16", "dyn_int8", "ours"} <= set(meta["kernel_options"][0])
+    assert "| model | variant |" in (reports / "quantization.md").read_text()
 
 
 def test_registry_and_unknown_name(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from bench.run import BENCHMARKS
-from service.cli import main
+from modelserve.cli import main
 
 NAMES = ("multi_lora", "batching", "decode")
 SPLIT_FIELDS = {"decode_step_ms", "decode_forward_ms", "decode_other_ms"}

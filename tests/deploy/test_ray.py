@@ -1,10 +1,12 @@
 """modelserve on a local Ray cluster (service/ray_app.py): two replicas of the tiny zoo behind the gateway.
 
-Checked: mixed-adapter traffic answered exactly as a plain (non-Ray) server answers it, both replicas serving;
-an adapter's requests staying on the replica where it is resident; an adapter loaded through the admin API
-served, and refused once unloaded; each replica's own /metrics listed for Prometheus with a `replica` label;
-Ray's `max_queued_requests` answered as our 429; and a replica killed mid-run: its in-flight requests end with a
-clear error in bounded time, the other replica's complete, and Ray brings the application back to two replicas.
+Checked: mixed-adapter traffic answered exactly as a plain (non-Ray) server answers it, both replicas serving; an
+adapter's requests staying on the replica where it is resident; requests sharing a prefix staying on the replica
+that cached it (and a higher prefix-cache hit rate with that routing, in the benchmark); an adapter loaded through
+the admin API served, and refused once unloaded; each replica's own /metrics listed for Prometheus with a `replica`
+label; Ray's `max_queued_requests` answered as our 429; and a replica killed mid-run: its in-flight requests end
+with a clear error in bounded time, the other replica's complete, and Ray brings the application back to two
+replicas.
 """
 
 from __future__ import annotations
@@ -67,8 +69,11 @@ def test_ray_scale_benchmark_runs_at_tiny_size(tmp_path):
 
     paths = run(tiny=True, out_dir=tmp_path)
     rows = json.loads(paths["json"].read_text())["rows"]
-    assert [row["case"].split(",")[0] for row in rows] == ["throughput"] * 2 + ["cold-load rate"] * 2
+    kinds = ["throughput"] * 2 + ["cold-load rate"] * 2 + ["prefix-cache hit rate"] * 2
+    assert [row["case"].split(",")[0] for row in rows] == kinds
     assert all(row["value"] > 0 for row in rows[:2]) and all(0 <= row["value"] <= 1 for row in rows[2:])
+    on, off = rows[4]["value"], rows[5]["value"]
+    assert on > off, f"prefix-cache hit rate {on:.2f} with prefix routing, {off:.2f} without"
     assert not ray.is_initialized()
 
 
@@ -158,6 +163,31 @@ def test_adapter_requests_stay_on_the_replica_holding_the_adapter(cluster, zoo):
                 assert r.status_code == 200
                 assert r.headers[ADAPTER_LOAD_HEADER] == "warm", f"{name}: cold load on {r.headers[REPLICA_HEADER]}"
                 assert r.headers[REPLICA_HEADER] == first.headers[REPLICA_HEADER], f"{name} left its replica"
+
+
+def test_prefix_routing_keeps_each_prefix_on_one_replica(cluster):
+    """Requests sharing a long system prompt all land on one replica once it has served that prefix."""
+    from bench.ray_scale import shared_prefix_prompts
+
+    system = {prompt: prompt.split("\nUser:")[0] for prompt in shared_prefix_prompts(36, seed=1)}
+    kept = sorted(set(system.values()))[:3]  # 3 system prompts: all fit one replica's KV pool (64 blocks)
+    prompts = [prompt for prompt in system if system[prompt] in kept]
+    firsts = list({system[p]: p for p in reversed(prompts)}.values())  # the first prompt of each system prompt
+    replicas: dict[str, set[str]] = {}
+    cached: list[int] = []
+    with httpx.Client(base_url=cluster, timeout=60) as client:
+        for prompt in firsts:
+            r = client.post("/v1/completions", json=completion("tiny", prompt, max_tokens=2))
+            assert r.status_code == 200, r.text
+            replicas[system[prompt]] = {r.headers[REPLICA_HEADER]}
+        time.sleep(2.0)  # each replica reports the prefixes it served to Ray's router
+        for prompt in prompts:
+            r = client.post("/v1/completions", json=completion("tiny", prompt, max_tokens=2))
+            assert r.status_code == 200, r.text
+            replicas[system[prompt]].add(r.headers[REPLICA_HEADER])
+            cached.append(r.json()["usage"].get("prompt_tokens_details", {}).get("cached_tokens", 0))
+    assert all(len(seen) == 1 for seen in replicas.values()), replicas
+    assert min(cached) > 0, f"prefix not served from the cache: cached tokens {cached}"
 
 
 def test_admin_loaded_adapter_is_served_then_unloaded(cluster, zoo, reference):

@@ -61,6 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default=None)
     serve.add_argument("--port", type=int, default=None)
     serve.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
+    serve.add_argument(
+        "--quantization",
+        choices=["int8"],
+        default=None,
+        help="quantize every --model's weights to int8 as it loads (vLLM's spelling); per model: the "
+        "`quantization` setting",
+    )
     serve.add_argument("--ray", action="store_true", help="run as a Ray Serve application (replicas, autoscaling)")
     serve.add_argument("--ray-address", default=None, help="with --ray: the cluster to join (default: a local one)")
     serve.set_defaults(func=_serve)

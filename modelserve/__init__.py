@@ -1,0 +1,1 @@
+"""The `modelserve` command line: above `service/`, `training/` and `bench/`, which never import it."""
