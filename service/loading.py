@@ -30,6 +30,9 @@ from service.settings import Settings
 log = logging.getLogger(__name__)
 
 
+NGRAM = "ngram"  # `--draft TARGET=ngram`: prompt-lookup speculation, no draft model (vLLM's method name)
+
+
 class LoadingError(ValueError):
     """The configured models or adapters cannot be served, with the reason named."""
 
@@ -160,6 +163,10 @@ def resolve_drafts(settings: Settings, models: dict[str, LoadedModel]) -> dict[s
 
 def attach_drafts(models: dict[str, LoadedModel], drafts: dict[str, str], num_draft_tokens: int) -> None:
     for target, draft in drafts.items():
+        if draft == NGRAM and target in models:  # prompt lookup: drafts from the sequence's history
+            models[target].served.speculative = SpeculativeConfig(num_draft_tokens=num_draft_tokens, method="ngram")
+            log.info("speculative decoding: n-gram prompt lookup for %s", target)
+            continue
         if target not in models or draft not in models:
             raise LoadingError(f"draft pair {target}={draft}: both must be served models ({', '.join(models)})")
         target_config, draft_config = models[target].config, models[draft].config

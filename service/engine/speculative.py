@@ -32,6 +32,9 @@ from service.engine.types import SamplingParams
 @dataclass(frozen=True)
 class SpeculativeConfig:
     num_draft_tokens: int = 4  # k: drafts proposed per round
+    method: str = "draft"  # "draft": a smaller model proposes; "ngram": copied from the sequence's history
+    ngram_max: int = 4  # n-gram method: the longest suffix looked up in the history
+    ngram_min: int = 1  # and the shortest
 
 
 @dataclass

@@ -21,6 +21,7 @@ from models.kv_cache import PagedKVCache, blocks_for
 from models.sampling import nonfinite_rows
 from models.tokenizer import TextTokenizer
 from service.engine.block_manager import BlockManager
+from service.engine.ngram import NgramDecoder
 from service.engine.runner import ModelRunner
 from service.engine.sampler import sample
 from service.engine.scheduler import ScheduledRow, Scheduler, SchedulerConfig
@@ -41,7 +42,8 @@ class ServedModel:
     eos_token_ids: tuple[int, ...] = ()
     # LoRA adapters of this base model (None: adapters disabled). Attached before the model serves.
     registry: AdapterRegistry | None = None
-    # Speculative decoding: a smaller model with the same vocabulary that drafts for this one.
+    # Speculative decoding: a smaller model with the same vocabulary that drafts for this one, or with
+    # `speculative.method == "ngram"` drafts copied from the sequence's own history (no draft model).
     draft_model: CausalLM | None = None
     speculative: SpeculativeConfig | None = None
 
@@ -63,7 +65,9 @@ class ModelWorker:
         self.eos = set(served.eos_token_ids)
         self.finished_ids: list[str] = []  # requests finished since the engine last collected them
         self.speculative: SpeculativeDecoder | None = None
-        if served.draft_model is not None:
+        if served.speculative is not None and served.speculative.method == "ngram":
+            self.speculative = NgramDecoder(None, served.speculative, vocab_size=model.config.vocab_size)
+        elif served.draft_model is not None:
             if served.draft_model.config.vocab_size != model.config.vocab_size:
                 raise ValueError(
                     f"draft vocab_size {served.draft_model.config.vocab_size} differs from the target's "
