@@ -7,6 +7,8 @@ Greedy with `ignore_eos` and fixed `max_tokens`, so every request generates the 
 tokens; the 32-concurrent ids must equal the sequential ones (batching must not change results).
 Target: 32 concurrent >= 4x sequential batch-1 throughput. Each row also splits the median run's
 decode steps into model forward and the rest of the step (scheduling, sampling, detokenizing).
+Requests go to the engine itself (`bench.serving.EngineHarness`, `Engine.submit`), not through the
+engine client: batching is the engine core's work, and the per-step split needs its step hooks.
 """
 
 from __future__ import annotations
@@ -21,12 +23,12 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from bench.common import write_report
+from bench.peers import compare_outputs
 from bench.serving import (
     DENSE,
     TINY_DENSE,
     EngineHarness,
     RunResult,
-    compare_outputs,
     interleaved,
     median_run,
     model_or_random,

@@ -20,6 +20,8 @@ input, nothing else). Batch-1 decode on CPU reads every weight once per token, s
 of this model beats the floor in float32: `hf_ms_per_token / floor_ms` bounds the speed-up any
 engine could reach over `transformers` here. What a token costs beyond the forward is the engine
 loop (scheduling, sampling, events) on one side and `generate`'s own work on the other.
+The engine side is `bench.serving.EngineHarness` (`Engine.submit`, below the engine client): the
+benchmark compares model decode, so the client's per-request work (measured by `http_overhead`) is left out.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from torch import nn
 from tqdm import tqdm
 
 from bench.common import write_report
+from bench.peers import hf_sequential, load_hf
 from bench.serving import (
     DENSE,
     MOE,
@@ -47,9 +50,7 @@ from bench.serving import (
     EngineHarness,
     ModelSource,
     RunResult,
-    hf_sequential,
     interleaved,
-    load_hf,
     median_run,
     random_model,
     random_prompts,

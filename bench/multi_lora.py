@@ -15,6 +15,11 @@ Targets: mixed >= 0.85x base, mixed >= 5x peer. The engine's greedy ids are comp
 Curve block: 64 concurrent requests over 1, 4, 16, 32 and 64 distinct adapters (request i uses
 adapter i mod N) vs the same 64 on the base. Diagnosis: per-step split of the median runs (model
 forward vs the rest of the step) and one decode forward of the target batch timed per LoRA kernel.
+
+The engine is driven through `bench.serving.EngineHarness` (`Engine.submit`), not the engine client:
+the benchmark measures the engine core (continuous batching with LoRA) and splits each step into model
+forward and the rest, which needs the engine's per-step hooks; the client's per-request work is the
+same on every side of the comparison and is measured by `bench/http_overhead.py`.
 """
 
 from __future__ import annotations
@@ -32,16 +37,14 @@ from tqdm import tqdm
 
 from adapters.registry import AdapterRegistry, RegistryConfig
 from bench.common import write_report
+from bench.peers import compare_outputs, hf_sequential, load_peft
 from bench.serving import (
     DENSE,
     TINY_DENSE,
     EngineHarness,
     ModelSource,
     RunResult,
-    compare_outputs,
-    hf_sequential,
     interleaved,
-    load_peft,
     make_peft_adapters,
     median_run,
     model_or_random,

@@ -6,12 +6,15 @@ else a random model of the same shape class saved with `models.save_model`, so t
 `peft` itself, so the peft baseline and the engine load identical adapter files.
 
 Workloads are greedy (temperature 0) with `ignore_eos`, so every side generates exactly
-`max_tokens` per request. `EngineHarness` submits requests the way the HTTP layer does
-(`Engine.submit` with a callback, from another thread) and records, per engine step, the step time
-(`StepStats.step_seconds`) and the time spent in the model runner (forward passes, LoRA included),
-so a run's time splits into model forward, the rest of the step (scheduling, sampling,
-detokenizing, events) and time outside steps. Peers (`transformers` generate, with `peft` for
-adapters) run one request after another, as a user would write them.
+`max_tokens` per request. `EngineHarness` measures the engine core, below the engine client: it
+submits token ids with `Engine.submit` and a callback from another thread, and records, per engine
+step, the step time (`StepStats.step_seconds`) and the time spent in the model runner (it wraps
+`runner.run`: forward passes, LoRA included), so a run's time splits into model forward, the rest of
+the step (scheduling, sampling, detokenizing, events) and time outside steps. It keeps the engine
+rather than `EngineClient` because those per-step hooks are engine internals the client does not
+expose, and the client's work per request (admission, tokenizing, validation, handing events to an
+asyncio loop) is the HTTP path's cost, which `bench/http_overhead.py` measures through the client.
+The peers (`transformers` generate, with `peft` for adapters) are in `bench/peers.py`.
 """
 
 from __future__ import annotations
@@ -354,76 +357,3 @@ class EngineHarness:
     def _wait(event: threading.Event) -> None:
         if not event.wait(RUN_TIMEOUT_S):
             raise TimeoutError(f"benchmark requests did not finish within {RUN_TIMEOUT_S} s")
-
-
-# ---- the Hugging Face peer ----
-class _TokenTimes:
-    """A `generate` streamer that only notes when each put arrives (the first put is the prompt)."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-
-    def put(self, value: Any) -> None:
-        self.times.append(time.perf_counter())
-
-    def end(self) -> None:
-        pass
-
-
-def load_hf(directory: Path) -> Any:
-    """The directory loaded by `transformers`, float32, EOS disabled so generate runs to max_new_tokens."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-    model.generation_config.eos_token_id = None
-    return model
-
-
-def load_peft(directory: Path, adapters: dict[str, Path]) -> Any:
-    """The base loaded by `transformers` with every adapter loaded into one PeftModel (set_adapter picks)."""
-    from peft import PeftModel
-
-    names = list(adapters)
-    model = PeftModel.from_pretrained(load_hf(directory), adapters[names[0]], adapter_name=names[0])
-    for name in names[1:]:
-        model.load_adapter(adapters[name], adapter_name=name)
-    return model.eval()
-
-
-@torch.inference_mode()
-def hf_generate(model: Any, prompt: list[int], max_tokens: int) -> tuple[list[int], list[float]]:
-    """Greedy `generate` of exactly max_tokens; returns the new ids and when each was produced."""
-    from transformers import GenerationConfig
-
-    ids = torch.tensor([prompt])  # (1, T)
-    config = GenerationConfig(max_new_tokens=max_tokens, do_sample=False, pad_token_id=0, eos_token_id=None)
-    streamer = _TokenTimes()
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config, streamer=streamer)
-    return out[0, len(prompt) :].tolist(), streamer.times[1:]
-
-
-def hf_sequential(model: Any, prompts: list[list[int]], adapters: list[str | None], max_tokens: int) -> RunResult:
-    """Requests one after another; with a PeftModel, `set_adapter` per request (base: adapters disabled)."""
-    outputs, times = [], []
-    start = time.perf_counter()
-    for prompt, adapter in zip(prompts, adapters, strict=True):
-        if adapter is None and hasattr(model, "disable_adapter"):
-            with model.disable_adapter():
-                ids, when = hf_generate(model, prompt, max_tokens)
-        else:
-            if adapter is not None:
-                model.set_adapter(adapter)
-            ids, when = hf_generate(model, prompt, max_tokens)
-        outputs.append(ids)
-        times.append(when)
-    return RunResult(time.perf_counter() - start, outputs, times)
-
-
-def compare_outputs(ours: list[list[int]], theirs: list[list[int]]) -> dict[str, Any]:
-    """How many requests got identical greedy ids, and where the others first diverge."""
-    diverge = [
-        {"request": i, "first_diff_at": next((k for k, (a, b) in enumerate(zip(x, y)) if a != b), min(len(x), len(y)))}
-        for i, (x, y) in enumerate(zip(ours, theirs, strict=True))
-        if x != y
-    ]
-    return {"requests": len(ours), "identical": len(ours) - len(diverge), "mismatches": diverge[:8]}

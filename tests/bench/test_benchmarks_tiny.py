@@ -62,10 +62,10 @@ def test_moe_dispatch_report(reports: Path) -> None:
 
 def test_http_overhead_report(reports: Path) -> None:
     payload = load(reports, "http_overhead")
-    assert [row["path"] for row in payload["rows"]] == ["engine", "http", "http_stream"]
+    assert [row["path"] for row in payload["rows"]] == ["client", "http", "http_stream"]
     for row in payload["rows"]:
         assert HTTP_FIELDS <= set(row) and row["median_ms"] > 0
-    assert payload["meta"]["same_text_http_and_engine"] is True
+    assert payload["meta"]["same_text_http_and_client"] is True
     assert payload["meta"]["server_exit_code_after_sigterm"] == 0
     assert "met" in payload["meta"]["target"]
     assert "| path |" in (reports / "http_overhead.md").read_text()
@@ -126,6 +126,7 @@ def test_speculative_report(reports: Path) -> None:
     payload = load(reports, "speculative")
     variants = [row["variant"] for row in payload["rows"]]
     assert variants[0] == "teacher" and len(variants) >= 2
+    assert "teacher (code editing)" in variants and any(v.startswith("ngram") for v in variants)
     assert all(row["identical_tokens"] for row in payload["rows"])  # greedy speculation never changes tokens
     assert "target" in payload["meta"]
 
