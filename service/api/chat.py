@@ -11,9 +11,12 @@ Message content may be a string or a list of OpenAI text parts (`{"type": "text"
 
 from __future__ import annotations
 
+import json
+from datetime import datetime
 from functools import lru_cache
 
 from jinja2 import TemplateError
+from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from service.api.errors import APIError
@@ -29,10 +32,23 @@ def _raise_exception(message: str) -> None:
     raise TemplateError(message)
 
 
+def _tojson(value, indent=None, ensure_ascii=False, separators=None, sort_keys=False) -> str:
+    """`tojson` as `transformers` defines it for chat templates: plain JSON, no HTML escaping."""
+    return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(format: str) -> str:
+    return datetime.now().strftime(format)
+
+
 @lru_cache(maxsize=16)
 def _compile(template: str):
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    """The environment `transformers` renders chat templates in: sandboxed, `{% break %}`/`{% continue %}`,
+    `tojson` without HTML escaping, `raise_exception`, `strftime_now` (Llama 3's date line)."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
     return env.from_string(template)
 
 

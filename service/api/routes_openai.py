@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 
@@ -34,6 +35,7 @@ from service.api.schemas import (
     ErrorResponse,
     ModelCard,
     ModelList,
+    SamplingFields,
     Usage,
 )
 from service.engine import EngineError, TokenEvent
@@ -56,6 +58,19 @@ ERRORS = {
 }
 CLIENT_CLOSED = 499  # nginx's "client closed request": the status of an answer nobody reads
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+IGNORED_HEADER = "x-modelserve-ignored-fields"  # unknown request fields this server ignored
+log = logging.getLogger(__name__)
+
+
+def ignored_headers(body: SamplingFields) -> dict[str, str]:
+    """Log the unknown fields a request carried and name them (ASCII, the first 20) in a response header."""
+    names = body.ignored_fields()
+    if not names:
+        return {}
+    # A header value takes visible ASCII only (a field name may hold anything, newlines included).
+    shown = ["".join(c if 32 < ord(c) < 127 and c != "," else "?" for c in name[:64]) for name in names[:20]]
+    log.info("model %s: ignored unknown request fields %s", body.model, ", ".join(shown))
+    return {IGNORED_HEADER: ",".join(shown)}
 
 
 def generation_responses(chunk: str) -> dict:
@@ -131,6 +146,7 @@ def _stream(
     make_chunk: Callable[[str, str | None], dict],
     include_usage: bool,
     first: dict | None,
+    headers: dict[str, str],
 ):
     """SSE response over the generation's events; `make_chunk(text, finish_reason)` builds one chunk."""
 
@@ -166,13 +182,15 @@ def _stream(
             gen.close()
 
     return StreamingResponse(
-        body(), media_type="text/event-stream", headers=SSE_HEADERS, background=BackgroundTask(gen.close)
+        body(), media_type="text/event-stream", headers={**SSE_HEADERS, **headers}, background=BackgroundTask(gen.close)
     )
 
 
 @router.post("/completions", response_model=CompletionResponse, responses=generation_responses("CompletionResponse"))
-async def completions(body: CompletionRequest, request: Request, state: State, _: UserAuth):
+async def completions(body: CompletionRequest, request: Request, response: Response, state: State, _: UserAuth):
     """Text completion of one prompt (a string, a list of one string, or token ids)."""
+    extra_headers = ignored_headers(body)
+    response.headers.update(extra_headers)
 
     client, target = resolve(state, body.model)
     value = body.prompt
@@ -200,7 +218,7 @@ async def completions(body: CompletionRequest, request: Request, state: State, _
             }
 
         include = bool(body.stream_options and body.stream_options.include_usage)
-        return _stream(gen, state, chunk, include, None)
+        return _stream(gen, state, chunk, include, None, extra_headers)
     try:
         text, finish, prompt_tokens, completion_tokens, cached = await _collect(gen, request, state)
     finally:
@@ -217,8 +235,12 @@ async def completions(body: CompletionRequest, request: Request, state: State, _
 @router.post(
     "/chat/completions", response_model=ChatCompletionResponse, responses=generation_responses("ChatCompletionChunk")
 )
-async def chat_completions(body: ChatCompletionRequest, request: Request, state: State, _: UserAuth):
+async def chat_completions(
+    body: ChatCompletionRequest, request: Request, response: Response, state: State, _: UserAuth
+):
     """Chat completion: the messages are rendered with the model's chat template (see README)."""
+    extra_headers = ignored_headers(body)
+    response.headers.update(extra_headers)
 
     client, target = resolve(state, body.model)
     info = client.model(target.base)
@@ -251,7 +273,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
         first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
         if include:
             first["usage"] = None
-        return _stream(gen, state, chunk, include, first)
+        return _stream(gen, state, chunk, include, first, extra_headers)
     try:
         text, finish, prompt_tokens, completion_tokens, cached = await _collect(gen, request, state)
     finally:

@@ -1,8 +1,11 @@
 """Request and response bodies of the HTTP API (OpenAI- and vLLM-compatible), as separate pydantic classes.
 
-Requests forbid unknown fields: a field this server would silently ignore (`logit_bias`, `n=3`,
-`echo`) could mislead, so it is a 400. OpenAI fields that are accepted only at their no-op value
-(`n=1`, penalties 0, `logprobs` null, ...) are listed so that clients sending the defaults work.
+Completion and chat requests accept unknown fields, as vLLM learned to (clients add fields of newer
+API versions): they are ignored, logged, and named in the `x-modelserve-ignored-fields` response
+header. Known OpenAI fields this server cannot honour are refused by name rather than ignored
+(`n` > 1, penalties, `logprobs`, `echo`, `tool_choice` `required` or a named function, a
+`response_format` other than `text`); they are accepted at their no-op value so clients sending the
+defaults work. The admin requests (modelserve's and vLLM's own) still refuse unknown fields.
 Limits that depend on Settings (stop strings, prompt size) are checked in the routes.
 
 Numbers and booleans are not converted from strings or booleans, as in OpenAI's API: `"max_tokens": "5"`,
@@ -63,6 +66,21 @@ class _Request(BaseModel):
         return data
 
 
+class _OpenAIRequest(BaseModel):
+    """A request body of the OpenAI API: unknown fields are kept aside (`model_extra`) and reported."""
+
+    model_config = ConfigDict(extra="allow")
+
+    def ignored_fields(self) -> list[str]:
+        return list(self.model_extra or ())
+
+
+class _Lenient(BaseModel):
+    """A nested OpenAI object (a message, stream options): unknown fields are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
 def _prompt_kind(value: Any) -> str | None:
     if isinstance(value, str):
         return "text"
@@ -87,11 +105,11 @@ Prompt = Annotated[
 ]
 
 
-class StreamOptions(_Request):
+class StreamOptions(_Lenient):
     include_usage: bool = Field(False, strict=True)
 
 
-class SamplingFields(_Request):
+class SamplingFields(_OpenAIRequest):
     model: str = Field(min_length=1, description="A base model name or an adapter name (see GET /v1/models).")
     max_tokens: json_int(ge=1) | None = Field(None, description="Tokens to generate at most.")
     temperature: float = Field(1.0, ge=0.0, le=2.0, strict=True, description="0 is greedy.")
@@ -139,7 +157,7 @@ class CompletionRequest(SamplingFields):
     suffix: None = None
 
 
-class ChatMessage(_Request):
+class ChatMessage(_Lenient):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | Annotated[list[dict], Field(fail_fast=True)] | None = None
     name: str | None = None
@@ -151,10 +169,28 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: json_int(ge=1) | None = Field(None, description="OpenAI's newer name for max_tokens.")
     logprobs: Literal[False] | None = None
     top_logprobs: None = None
-    parallel_tool_calls: None = None
-    tools: None = None
-    tool_choice: None = None
-    response_format: None = None
+    parallel_tool_calls: bool | None = None
+    tools: Annotated[list[dict], Field(fail_fast=True)] | None = Field(
+        None, description="Accepted with tool_choice none or auto: the model answers in text (no tool calls)."
+    )
+    tool_choice: Literal["none", "auto"] | None = Field(
+        None, description="`required` or a named function would oblige a tool call this server cannot make: 400."
+    )
+    response_format: dict[str, Any] | None = Field(None, description="Only {'type': 'text'} (the default).")
+
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _text_only(cls, value: Any) -> Any:
+        if value is not None and value not in ("none", "auto"):
+            raise ValueError("only 'none' or 'auto' are supported: this server does not call tools")
+        return value
+
+    @field_validator("response_format")
+    @classmethod
+    def _plain_text(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and value.get("type") != "text":
+            raise ValueError(f"response_format type {value.get('type')!r} is not supported; only 'text'")
+        return value
 
 
 class PromptTokensDetails(BaseModel):
@@ -292,3 +328,32 @@ class ErrorResponse(BaseModel):
 class HealthResponse(BaseModel):
     status: str
     detail: str | None = None
+
+
+class TokenizeRequest(_OpenAIRequest):
+    model: str = Field(min_length=1)
+    prompt: str | None = Field(None, description="Text to tokenize (or give `messages`).")
+    messages: Annotated[list[ChatMessage], Field(fail_fast=True, min_length=1)] | None = None
+    add_generation_prompt: bool = Field(True, strict=True)
+    add_special_tokens: bool = Field(True, strict=True, description="Add BOS as the tokenizer's config says.")
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt and messages")
+        return self
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeRequest(_OpenAIRequest):
+    model: str = Field(min_length=1)
+    tokens: Annotated[list[Annotated[StrictInt, TOKEN_ID]], Field(fail_fast=True)]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str

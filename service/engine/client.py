@@ -203,12 +203,21 @@ class EngineClient:
         if ids and (min(ids) < 0 or max(ids) >= info.vocab_size):
             raise InvalidRequestError(f"prompt token ids must be in [0, {info.vocab_size})", param="prompt")
 
-    async def tokenize(self, target: Target, text: str) -> list[int]:
+    async def tokenize(self, target: Target, text: str, add_special_tokens: bool = True) -> list[int]:
         tokenizer = self._models[target.base].served.tokenizer
-        add_bos = tokenizer.add_bos and not (tokenizer.bos_token and text.startswith(tokenizer.bos_token))
+        add_bos = add_special_tokens and tokenizer.add_bos
+        add_bos = add_bos and not (tokenizer.bos_token and text.startswith(tokenizer.bos_token))
         if len(text) > TOKENIZE_INLINE_CHARS:
             return await asyncio.to_thread(tokenizer.encode, text, add_bos)
         return tokenizer.encode(text, add_bos)
+
+    def detokenize(self, target: Target, ids: list[int]) -> str:
+        info = self.model(target.base)
+        if len(ids) > info.max_model_len:
+            raise InvalidRequestError(f"{len(ids)} tokens, over max_model_len={info.max_model_len}", param="tokens")
+        if ids and (min(ids) < 0 or max(ids) >= info.vocab_size):
+            raise InvalidRequestError(f"token ids must be in [0, {info.vocab_size})", param="tokens")
+        return self._models[target.base].served.tokenizer.decode(ids)
 
     def sampling_params(self, prompt_len: int, target: Target, max_tokens: int | None, default: int, **fields):
         """Validated SamplingParams; max_tokens defaults to `default`, capped by what the context leaves."""
@@ -283,11 +292,11 @@ class RequestHandle:
         self._done: asyncio.Future[TokenEvent] = loop.create_future()
 
         def on_event(event: TokenEvent) -> None:  # engine thread (or the caller's, for `abandon`)
+            self.tracker.on_event(event)  # the one place a request's metrics are fed, streaming or not
             if self.streaming:
                 loop.call_soon_threadsafe(self._queue.put_nowait, event)
                 return
             self.parts.append(event.text)
-            self.tracker.on_event(event)
             if event.finish_reason is not None:
                 self.finished = True
                 loop.call_soon_threadsafe(self._finish, event)
@@ -309,7 +318,6 @@ class RequestHandle:
     async def events(self) -> AsyncIterator[TokenEvent]:
         while not self.finished:
             event = await self._queue.get()
-            self.tracker.on_event(event)
             self.finished = event.finish_reason is not None
             yield event
 

@@ -1,8 +1,12 @@
-"""Incremental detokenization with stop strings, for streaming.
+"""Incremental detokenization with stop strings, for streaming, in constant time per token.
 
-Text is emitted only when it is final: a trailing incomplete UTF-8 character (decoded as U+FFFD) is
-held back until the next token completes it, and so is any tail that could still grow into a stop
-string. When a stop string appears, the text is cut before it and the request finishes.
+Each new token decodes only a short window of recent tokens (vLLM's prefix/read offsets): the text of
+tokens[prefix:read] is already known, tokens[prefix:] is decoded, and the difference is the new text.
+Decoding from a few tokens back keeps what depends on context right (a leading space, a multi-byte
+character split across tokens). Text is emitted only when it is final: a trailing incomplete UTF-8
+character (decoded as U+FFFD) is held back until the next token completes it, and so is any tail that
+could still grow into a stop string. When a stop string appears, the text is cut before it and the
+request finishes.
 """
 
 from __future__ import annotations
@@ -22,14 +26,19 @@ class IncrementalDetokenizer:
     text: str = ""  # all text decoded so far (stop string excluded once found)
     emitted: int = 0  # characters of `text` already returned
     stopped: bool = False
+    prefix_offset: int = 0  # tokens[prefix_offset:read_offset] decode to text already in `text`
+    read_offset: int = 0
 
     def add(self, token_id: int) -> str:
         """Append one token; returns the new text that is safe to emit (may be empty)."""
         self.token_ids.append(token_id)
-        self.text = self.tokenizer.decode(self.token_ids)
+        window = self.token_ids[self.prefix_offset :]
+        known = self.tokenizer.decode(self.token_ids[self.prefix_offset : self.read_offset])
+        decoded = self.tokenizer.decode(window)
+        if len(decoded) > len(known) and not decoded.endswith(REPLACEMENT):  # complete characters: take them
+            self.text += decoded[len(known) :]
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.token_ids)
         limit = len(self.text)
-        if self.text.endswith(REPLACEMENT):
-            limit = len(self.text.rstrip(REPLACEMENT))
         for stop in self.stop:
             at = self.text.find(stop, max(0, self.emitted - len(stop)))
             if at != -1:
@@ -45,7 +54,12 @@ class IncrementalDetokenizer:
         return delta
 
     def flush(self) -> str:
-        """At the end of the request: whatever is still held back (a stop-string prefix that never completed)."""
+        """At the end of the request: whatever is still held back (a stop-string prefix that never completed,
+        bytes of a character that never completed)."""
+        if not self.stopped and self.read_offset < len(self.token_ids):
+            known = self.tokenizer.decode(self.token_ids[self.prefix_offset : self.read_offset])
+            self.text += self.tokenizer.decode(self.token_ids[self.prefix_offset :])[len(known) :]
+            self.prefix_offset = self.read_offset = len(self.token_ids)
         delta = self.text[self.emitted :]
         self.emitted = len(self.text)
         return delta

@@ -26,7 +26,13 @@ BAD = [
     ("/v1/completions", {**GOOD, "n": 2}, 400, "invalid_request_error", "n"),
     ("/v1/completions", {**GOOD, "echo": True}, 400, "invalid_request_error", "echo"),
     ("/v1/completions", {**GOOD, "logit_bias": {"5": 10}}, 400, "invalid_request_error", "logit_bias"),
-    ("/v1/completions", {**GOOD, "frobnicate": 1}, 400, "invalid_request_error", "frobnicate"),
+    (
+        "/v1/load_lora_adapter",
+        {"lora_name": "x", "lora_path": "y", "frobnicate": 1},
+        400,
+        "invalid_request_error",
+        "frobnicate",
+    ),
     ("/v1/completions", {**GOOD, "prompt": "a\ud800b"}, 400, "invalid_request_error", "prompt"),
     ("/v1/completions", {**GOOD, "prompt": [1, 2, 99999]}, 400, "invalid_request_error", "prompt"),
     ("/v1/completions", {**GOOD, "prompt": ["a", "b"]}, 400, "invalid_request_error", "prompt"),
@@ -49,7 +55,21 @@ BAD = [
         "invalid_request_error",
         "messages",
     ),
-    ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function"}]}, 400, "invalid_request_error", "tools"),
+    ("/v1/chat/completions", {**CHAT, "tool_choice": "required"}, 400, "invalid_request_error", "tool_choice"),
+    (
+        "/v1/chat/completions",
+        {**CHAT, "tool_choice": {"type": "function", "function": {"name": "f"}}},
+        400,
+        "invalid_request_error",
+        "tool_choice",
+    ),
+    (
+        "/v1/chat/completions",
+        {**CHAT, "response_format": {"type": "json_object"}},
+        400,
+        "invalid_request_error",
+        "response_format",
+    ),
     ("/v1/chat/completions", {**CHAT, "model": "a9"}, 404, "not_found_error", "model"),
 ]
 
@@ -92,3 +112,25 @@ def test_health_ready_and_offline_docs(server):
         assert {"/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/load_lora_adapter"} <= set(
             schema["paths"]
         )
+
+
+def test_unknown_fields_are_ignored_logged_and_named_in_a_header(server):
+    with server.client() as client:
+        body = {**GOOD, "frobnicate": 1, "metadata": {"a": 1}, "stream_options": {"include_usage": True, "x": 2}}
+        response = client.post("/v1/completions", json=body)
+        assert response.status_code == 200, response.text
+        assert response.headers["x-modelserve-ignored-fields"] == "frobnicate,metadata"
+        chat = {
+            **CHAT,
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+            "tool_choice": "auto",
+            "response_format": {"type": "text"},
+            "messages": [{"role": "user", "content": "hi", "tool_calls": None}],
+            "store": False,
+        }
+        answer = client.post("/v1/chat/completions", json=chat)
+        assert answer.status_code == 200, answer.text
+        assert answer.headers["x-modelserve-ignored-fields"] == "store"
+        with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as streamed:
+            assert streamed.headers["x-modelserve-ignored-fields"] == "frobnicate,metadata"
+            assert "".join(streamed.iter_text()).rstrip().endswith("data: [DONE]")

@@ -59,3 +59,20 @@ def test_flush_returns_a_held_prefix_at_the_end():
 def test_stop_string_with_multibyte_characters():
     deltas, detok = stream("x😀END y", stop=("😀END",))
     assert detok.stopped and "".join(deltas) == "x"
+
+
+def test_each_token_decodes_a_short_window_not_the_whole_output():
+    tokenizer = byte_tokenizer()
+    windows: list[int] = []
+    decode = tokenizer.decode
+
+    def counting(ids):
+        windows.append(len(ids))
+        return decode(ids)
+
+    tokenizer.decode = counting
+    detok = IncrementalDetokenizer(tokenizer)
+    text = "caf\u00e9 na\u00efve \U0001f600 " * 40  # 480+ bytes, multi-byte characters throughout
+    out = "".join(detok.add(token) for token in tokenizer.encode(text, False)) + detok.flush()
+    assert out == text
+    assert max(windows) <= 5  # a 4-byte character spans 4 tokens: the longest window
