@@ -22,6 +22,7 @@ import itertools
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,6 +112,8 @@ class RegistryStats:
     loads: dict[str, int] = field(default_factory=lambda: {"loaded": 0, "error": 0})
     evictions: int = 0
     load_seconds: list[float] = field(default_factory=list)
+    # Called with each load's seconds (the metrics exporter's histogram), besides recording it above.
+    on_load: Callable[[float], None] | None = None
 
 
 class AdapterRegistry:
@@ -161,6 +164,8 @@ class AdapterRegistry:
                 self.resident[name] = info
                 self.stats.loads["loaded"] += 1
                 self.stats.load_seconds.append(info.load_seconds)
+                if self.stats.on_load is not None:
+                    self.stats.on_load(info.load_seconds)
         except AdapterError:
             with self._state:
                 self.stats.loads["error"] += 1

@@ -1,10 +1,13 @@
-"""`python -m loadtest --scenario NAME --host URL`: run a scenario headless for a bounded time, then report.
+"""`python -m loadtest --scenario NAME --host URL` (or `modelserve loadtest ...`): run a scenario headless for a
+bounded time, then report.
 
 Launches Locust as a subprocess (`loadtest/locustfile.py`, `--headless`, `--run-time` = warm-up +
 duration, bounded users), writes its CSVs into `--out` (default `reports/loadtest/<scenario>/`),
 builds `report.md` + PNGs there (see `loadtest.report`), logs the summary, and exits 1 when the
 share of failed requests exceeds `--max-failure-ratio` (or nothing succeeded), 2 when the run
 itself could not happen (server not ready, Locust crashed). Talks to the service over HTTP only.
+`--api-key` (a secured server) is sent by every user and the readiness wait as `Authorization:
+Bearer`; it is shown as *** in the log and in run.json.
 """
 
 from __future__ import annotations
@@ -37,8 +40,9 @@ class RunConfig:
     slo_tpot_ms: float
     ready_timeout_s: float  # wait this long for GET /ready to answer 200 before starting
     locust_args: tuple[str, ...]  # passed through to Locust (e.g. --loglevel DEBUG)
+    api_key: str = ""  # a key of the server's api_keys; "" for an open server
 
-    def locust_command(self) -> list[str]:
+    def locust_command(self, redact: bool = False) -> list[str]:
         s = self.scenario
         user_class = "OpenLoopUser" if s.loop == "open" else "ClosedLoopUser"
         run_time = max(1, round(s.warmup_s + s.duration_s))
@@ -50,12 +54,13 @@ class RunConfig:
             "--scenario", s.name, "--warmup", str(s.warmup_s), "--rate", str(s.rate),
             "--max-tokens", str(s.max_tokens), "--num-adapters", str(s.num_adapters), "--model", s.model,
             "--slo-ttft-ms", str(self.slo_ttft_ms), "--slo-tpot-ms", str(self.slo_tpot_ms),
+            *(["--api-key", "***" if redact else self.api_key] if self.api_key else []),
             *self.locust_args, user_class,
         ]  # fmt: skip
 
 
-def parse_args(argv: list[str] | None) -> tuple[RunConfig | None, str]:
-    parser = argparse.ArgumentParser(prog="python -m loadtest", description=__doc__.split("\n\n")[0])
+def parse_args(argv: list[str] | None, prog: str = "python -m loadtest") -> tuple[RunConfig | None, str]:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--scenario", choices=sorted(scenarios.SCENARIOS), help="see --list")
     parser.add_argument("--host", default="http://127.0.0.1:8000", help="the service's base URL")
     parser.add_argument("--users", type=int, help="closed loop: users; open loop: arrival generators")
@@ -70,6 +75,7 @@ def parse_args(argv: list[str] | None) -> tuple[RunConfig | None, str]:
     parser.add_argument("--slo-ttft-ms", type=float, default=1000.0, help="goodput: time to first token at most")
     parser.add_argument("--slo-tpot-ms", type=float, default=200.0, help="goodput: time per output token at most")
     parser.add_argument("--ready-timeout", type=float, default=60.0, help="seconds to wait for GET /ready")
+    parser.add_argument("--api-key", default="", help="for a secured server: sent as 'Authorization: Bearer <key>'")
     parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
     parser.add_argument("locust_args", nargs="*", help="after --: extra Locust arguments")
     args = parser.parse_args(argv)
@@ -101,16 +107,30 @@ def parse_args(argv: list[str] | None) -> tuple[RunConfig | None, str]:
         args.slo_tpot_ms,
         args.ready_timeout,
         tuple(args.locust_args),
+        args.api_key,
     )
-    return config, shlex.join(["python", "-m", "loadtest", *(sys.argv[1:] if argv is None else argv)])
+    return config, shlex.join([*prog.split(), *redacted(list(sys.argv[1:] if argv is None else argv))])
 
 
-def wait_ready(host: str, timeout_s: float) -> str | None:
+def redacted(argv: list[str]) -> list[str]:
+    """The command line with the value of --api-key replaced by ***."""
+    out = []
+    for i, arg in enumerate(argv):
+        if i and argv[i - 1] == "--api-key":
+            arg = "***"
+        elif arg.startswith("--api-key="):
+            arg = "--api-key=***"
+        out.append(arg)
+    return out
+
+
+def wait_ready(host: str, timeout_s: float, api_key: str = "") -> str | None:
     """None when GET /ready answers 200 within the timeout, else the last reason."""
     deadline, reason = time.monotonic() + timeout_s, "no answer"
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     while True:
         try:
-            response = requests.get(host + "/ready", timeout=5)
+            response = requests.get(host + "/ready", headers=headers, timeout=5)
             if response.status_code == 200:
                 return None
             reason = f"/ready answered {response.status_code}: {response.text[:200]}"
@@ -123,7 +143,7 @@ def wait_ready(host: str, timeout_s: float) -> str | None:
 
 def run(config: RunConfig, command: str) -> int:
     s = config.scenario
-    reason = wait_ready(config.host, config.ready_timeout_s)
+    reason = wait_ready(config.host, config.ready_timeout_s, config.api_key)
     if reason is not None:
         log.error("the service at %s is not ready: %s", config.host, reason)
         return 2
@@ -136,7 +156,8 @@ def run(config: RunConfig, command: str) -> int:
     }  # fmt: skip
     (config.out / "run.json").write_text(json.dumps(meta, indent=2))
     argv = config.locust_command()
-    log.info("running %s for %.0f s (+%.0f s warm-up): %s", s.name, s.duration_s, s.warmup_s, shlex.join(argv))
+    shown = shlex.join(config.locust_command(redact=True))
+    log.info("running %s for %.0f s (+%.0f s warm-up): %s", s.name, s.duration_s, s.warmup_s, shown)
     with (config.out / "locust.log").open("w") as locust_log:
         try:
             process = subprocess.run(
@@ -170,9 +191,9 @@ def run(config: RunConfig, command: str) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m loadtest") -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
-    config, text = parse_args(argv)
+    config, text = parse_args(argv, prog)
     if config is None:
         log.info("scenarios:\n%s", text)
         return 0

@@ -33,6 +33,10 @@ def _options(parser) -> None:
     group.add_argument("--slo-ttft-ms", type=float, default=1000.0, help="goodput SLO: time to first token")
     group.add_argument("--slo-tpot-ms", type=float, default=200.0, help="goodput SLO: time per output token")
     group.add_argument("--request-timeout-s", type=float, default=120.0, help="client timeout per request")
+    parser.add_argument(  # on the parser, not the group: only the parser's add_argument knows is_secret
+        "--api-key", default="", env_var="LOCUST_API_KEY", is_secret=True,
+        help="sent as 'Authorization: Bearer <key>' on every request (a server with api_keys)",
+    )  # fmt: skip
 
 
 @events.test_start.add_listener

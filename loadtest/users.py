@@ -58,6 +58,7 @@ class RunOptions:
     slo_ttft_ms: float
     slo_tpot_ms: float
     request_timeout_s: float
+    api_key: str = ""  # sent as `Authorization: Bearer` when set
 
     @classmethod
     def from_parsed(cls, options) -> RunOptions:
@@ -68,7 +69,8 @@ class RunOptions:
             num_adapters=options.num_adapters or None,
             model=options.model or None,
         )
-        return cls(scenario, options.slo_ttft_ms, options.slo_tpot_ms, options.request_timeout_s)
+        api_key = getattr(options, "api_key", "") or ""
+        return cls(scenario, options.slo_ttft_ms, options.slo_tpot_ms, options.request_timeout_s, api_key)
 
 
 class Targets:
@@ -130,6 +132,8 @@ class StreamingUser(User):
     def on_start(self) -> None:
         self.options = RunOptions.from_parsed(self.environment.parsed_options)
         self.session = requests.Session()
+        if self.options.api_key:
+            self.session.headers["Authorization"] = f"Bearer {self.options.api_key}"
         try:
             self.targets = Targets.resolve(self.session, self.host.rstrip("/"), self.options.scenario)
         except (requests.RequestException, ValueError, KeyError) as exc:

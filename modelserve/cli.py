@@ -1,4 +1,4 @@
-"""The `modelserve` command line: build the demo models, serve, benchmark.
+"""The `modelserve` command line: build the demo models, serve, benchmark, load-test.
 
 Each subcommand imports its heavy modules lazily so `modelserve --help` stays instant.
 """
@@ -37,6 +37,12 @@ def _bench(args: argparse.Namespace) -> int:
     )
 
 
+def _loadtest(args: argparse.Namespace) -> int:
+    from loadtest.__main__ import main as loadtest_main
+
+    return loadtest_main(args.args, prog="modelserve loadtest")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="modelserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -56,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="TARGET=DRAFT",
-        help="speculative decoding: DRAFT drafts for TARGET",
+        help="speculative decoding: DRAFT (a served model, or `ngram` for prompt lookup) drafts for TARGET",
     )
     serve.add_argument("--host", default=None)
     serve.add_argument("--port", type=int, default=None)
@@ -81,10 +87,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--out", default="reports")
     bench.set_defaults(func=_bench)
+
+    # Every argument goes to `python -m loadtest` as is (main() hands them over before argparse sees them).
+    loadtest = sub.add_parser(
+        "loadtest", add_help=False, help="run a Locust scenario against a server (--api-key for a secured one)"
+    )
+    loadtest.add_argument("args", nargs=argparse.REMAINDER)
+    loadtest.set_defaults(func=_loadtest)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["loadtest"]:  # its own parser (and --help): argparse would take `--scenario` as ours
+        return _loadtest(argparse.Namespace(args=argv[1:]))
     args = build_parser().parse_args(argv)
     return args.func(args)

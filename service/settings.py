@@ -87,6 +87,8 @@ class Settings(BaseSettings):
 
     # ---- metrics and logging ----
     metrics_top_adapters: int = Field(16, ge=0)  # adapters labelled by name in metrics; the rest are "other"
+    # One JSON line per finished request on the `modelserve.requests` logger (service/api/request_log.py).
+    request_log_json: bool = False
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     torch_threads: int | None = Field(None, ge=1)  # None: torch's default (all cores)
     gil_switch_interval_s: float = Field(0.001, gt=0)  # sys.setswitchinterval (Python's default: 0.005)

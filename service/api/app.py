@@ -23,7 +23,7 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
-from service.api import errors, routes_admin, routes_health, routes_openai, routes_page
+from service.api import errors, routes_admin, routes_health, routes_openai, routes_page, routes_tokenize
 from service.api.body_limit import BodyLimitMiddleware
 from service.api.deps import ServiceState
 from service.api.metrics import Metrics
@@ -92,7 +92,8 @@ def describe_errors(schema: dict) -> dict:
 
 def create_app(settings: Settings, load: bool = True) -> FastAPI:
     """The app; with load=False the caller fills `app.state.service` itself (tests, embedding)."""
-    state = ServiceState(settings=settings, metrics=Metrics(settings.metrics_top_adapters))
+    metrics = Metrics(settings.metrics_top_adapters, settings.request_timeout_s, settings.request_log_json)
+    state = ServiceState(settings=settings, metrics=metrics)
     state.metrics.ready_probe = lambda: state.not_ready_reason() is None
 
     @asynccontextmanager
@@ -118,6 +119,7 @@ def create_app(settings: Settings, load: bool = True) -> FastAPI:
     errors.install(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.include_router(routes_openai.router)
+    app.include_router(routes_tokenize.router)
     app.include_router(routes_admin.router)
     app.include_router(routes_health.router)
     app.include_router(routes_page.router)

@@ -16,7 +16,7 @@ import json
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api.errors import APIError
+from service.api.errors import APIError, count_refused
 
 
 class BodyTooLarge(HTTPException):
@@ -30,7 +30,8 @@ class BodyTooLarge(HTTPException):
         super().__init__(413, message)
 
 
-async def send_413(send: Send, exc: BodyTooLarge) -> None:
+async def send_413(scope: Scope, send: Send, exc: BodyTooLarge) -> None:
+    count_refused(scope.get("app"), 413)
     body = json.dumps(APIError(413, exc.detail).body()).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": 413, "headers": headers})
@@ -48,7 +49,7 @@ class BodyLimitMiddleware:
             return
         declared = _content_length(scope)
         if declared is not None and declared > self.max_bytes:
-            await send_413(send, BodyTooLarge(self.max_bytes, declared))
+            await send_413(scope, send, BodyTooLarge(self.max_bytes, declared))
             return
         received = 0
         started = False
@@ -71,7 +72,7 @@ class BodyLimitMiddleware:
             await self.app(scope, limited_receive, tracking_send)
         except BodyTooLarge as exc:
             if not started:  # else a response is already on its way: nothing more to say
-                await send_413(send, exc)
+                await send_413(scope, send, exc)
 
 
 def _content_length(scope: Scope) -> int | None:

@@ -3,7 +3,8 @@
 Everything a client can send wrong ends as a 4xx in this shape: pydantic validation errors and
 malformed JSON become 400 (not FastAPI's 422), engine refusals keep their status (400/404/429/503),
 and every 429 and 503 carries `Retry-After` (`retry_after_s`; the handlers add it where the raiser did
-not). Only a fault of the server itself is a 500.
+not). Only a fault of the server itself is a 500. Each 4xx refusal (except 429, an admission
+rejection) is counted in `modelserve_requests_refused_total{code}` here (`count_refused`).
 """
 
 from __future__ import annotations
@@ -98,6 +99,18 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 RETRY_STATUSES = (429, 503)
 
 
+def count_refused(app: object, status: int) -> None:
+    """Count a refused request on the app's metrics (`Metrics.refuse` ignores all but invalid-request 4xx)."""
+    metrics = getattr(getattr(getattr(app, "state", None), "service", None), "metrics", None)
+    if metrics is not None:  # None: an app without the service state (tests, embedding)
+        metrics.refuse(status)
+
+
+def _respond(request: Request, error: APIError) -> JSONResponse:
+    count_refused(request.app, error.status)
+    return _with_retry_after(request, error)
+
+
 def _with_retry_after(request: Request, error: APIError) -> JSONResponse:
     if error.status in RETRY_STATUSES and not any(k.lower() == "retry-after" for k in error.headers):
         service = getattr(request.app.state, "service", None)
@@ -108,19 +121,19 @@ def _with_retry_after(request: Request, error: APIError) -> JSONResponse:
 def install(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
-        return _with_retry_after(request, exc)
+        return _respond(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _validation_message(exc)
-        return APIError(400, message, param=param).response()
+        return _respond(request, APIError(400, message, param=param))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         if exc.status_code == 400 and message == "There was an error parsing the body":
             message = "the request body is not valid JSON in UTF-8"
-        return _with_retry_after(request, APIError(exc.status_code, message, headers=dict(exc.headers or {})))
+        return _respond(request, APIError(exc.status_code, message, headers=dict(exc.headers or {})))
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, exc: Exception) -> JSONResponse:

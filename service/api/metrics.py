@@ -3,7 +3,9 @@
 Sources: `on_step` receives each engine step's `StepStats` (engine thread); a `RequestTracker` per
 HTTP request records its outcome and timings from the engine's `TokenEvent`s; the adapter
 registries are read at scrape time by a collector. Every metric lives in this module's own
-`CollectorRegistry`, so one process exposes complete metrics and tests can build many apps.
+`CollectorRegistry` (with the standard `process_*` and `python_info` collectors), so one process exposes
+complete metrics and tests can build many apps. `refuse` is called by the error handlers (errors.py).
+With `request_log_json`, `RequestTracker.finish` also logs one JSON line per request (request_log.py).
 
 Cardinality: `model` is bounded by the served models; `adapter` is the adapter name for the
 `top_adapters` adapters with the most requests so far, `other` for the rest, and `none` for requests
@@ -13,43 +15,52 @@ counts under `other`.
 
 from __future__ import annotations
 
+import importlib.metadata
 import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from service.api import request_log
 from service.engine import StepStats, TokenEvent
 
 PREFIX = "modelserve_"
 # 1 ms .. 60 s: sub-10 ms steps of a GPU decode up to minute-long CPU generations.
-LATENCY_BUCKETS = (
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.075,
-    0.1,
-    0.25,
-    0.5,
-    0.75,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    20.0,
-    30.0,
-    60.0,
-)
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0)
+LATENCY_BUCKETS += (30.0, 60.0)
+# Past 60 s, request-level latencies (TTFT, queue time, end to end) get this ladder up to request_timeout_s.
+LONG_BUCKETS = (120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0)
 TOKEN_BUCKETS = tuple(float(2**i) for i in range(14))  # 1 .. 8192 tokens per step
 OUTCOMES = ("stop", "length", "abort", "error", "rejected")
 NO_ADAPTER, OTHER_ADAPTER = "none", "other"
 disable_created_metrics()  # no `_created` series: they double the exposition and no dashboard reads them
+
+
+def request_buckets(timeout_s: float) -> tuple[float, ...]:
+    """LATENCY_BUCKETS, then LONG_BUCKETS below `timeout_s`, then `timeout_s`: no request outlives the top bucket."""
+    longer = tuple(b for b in LONG_BUCKETS if LATENCY_BUCKETS[-1] < b < timeout_s)
+    top = (float(timeout_s),) if timeout_s > LATENCY_BUCKETS[-1] else ()
+    return (*LATENCY_BUCKETS, *longer, *top)
+
+
+def package_version() -> str:
+    try:
+        return importlib.metadata.version("modelserve")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown"
 
 
 class AdapterLabels:
@@ -82,15 +93,22 @@ class AdapterLabels:
 
 
 class Metrics:
-    def __init__(self, top_adapters: int = 16) -> None:
+    def __init__(self, top_adapters: int = 16, request_timeout_s: float = 600.0, request_log_json: bool = False):
         self.registry = CollectorRegistry()
+        if request_log_json:
+            request_log.enable()
+        self.request_log_json = request_log_json
         self.adapters = AdapterLabels(top_adapters)
         # base model -> its adapter registry (read at scrape time: `resident`, `stats`)
         self.registries: dict[str, Any] = {}
         self.ready_probe: Callable[[], bool] | None = None  # set by the app: is the service ready now?
         r, ma = self.registry, ["model", "adapter"]
 
-        def hist(name: str, doc: str, labels: list[str], buckets=LATENCY_BUCKETS) -> Histogram:
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        long = request_buckets(request_timeout_s)
+
+        def hist(name: str, doc: str, labels: list[str], buckets=long) -> Histogram:
             return Histogram(PREFIX + name, doc, labels, registry=r, buckets=buckets)
 
         self.ttft = hist(
@@ -104,6 +122,7 @@ class Metrics:
             "Seconds between two consecutive output tokens of one request, one observation per token after the "
             "first (the first token is not included: see time_to_first_token_seconds).",
             ma,
+            buckets=LATENCY_BUCKETS,
         )
         self.e2e = hist(
             "e2e_request_latency_seconds",
@@ -128,7 +147,8 @@ class Metrics:
             PREFIX + "requests_total",
             "Generation requests by outcome: stop (EOS or stop string), length (max_tokens or context), abort "
             "(client disconnected or timed out), error (engine failure), rejected (refused admission: queue full "
-            "429 or draining 503). Requests refused as invalid (400/401/404) are not counted.",
+            "429 or draining 503). Requests refused as invalid (4xx) are not counted here: see "
+            "requests_refused_total.",
             [*ma, "outcome"],
             registry=r,
         )
@@ -200,6 +220,25 @@ class Metrics:
             ["model", "device", "dtype", "quantization"],
             registry=r,
         )
+        self.build_info = Gauge(
+            PREFIX + "build_info", "1, labelled with the modelserve package version.", ["version"], registry=r
+        )
+        self.build_info.labels(package_version()).set(1)
+        self.refused = Counter(
+            PREFIX + "requests_refused_total",
+            "HTTP requests refused as invalid, by status code: every 4xx the error handlers answer (bad input 400, "
+            "key 401/403, unknown model or adapter 404, conflict 409, body too large 413) except 429 (counted as "
+            'requests_total{outcome="rejected"}).',
+            ["code"],
+            registry=r,
+        )
+        self.adapter_load_seconds = Histogram(
+            PREFIX + "lora_adapter_load_seconds",
+            "Seconds to load one adapter: read safetensors, check against the base model, install.",
+            ["model"],
+            registry=r,
+            buckets=LATENCY_BUCKETS,
+        )
         r.register(_AdapterRegistryCollector(self))
 
     # ---- set-up ----
@@ -213,8 +252,14 @@ class Metrics:
         per_model = (self.running, self.waiting, self.kv_usage, self.batch_size, self.spec_draft, self.spec_accepted)
         for metric in (*per_model, self.prefix_queries, self.prefix_hits, self.preemptions):
             metric.labels(model)
+        load_seconds = self.adapter_load_seconds.labels(model)
         if registry is not None:
             self.registries[model] = registry
+            stats = registry.stats
+            if stats.on_load is None:  # loads before now (start-up adapters), then each one as it happens
+                for seconds in stats.load_seconds:
+                    load_seconds.observe(seconds)
+                stats.on_load = load_seconds.observe
 
     # ---- engine thread ----
     def on_step(self, stats: StepStats) -> None:
@@ -241,7 +286,12 @@ class Metrics:
 
     # ---- requests ----
     def track(self, model: str, adapter: str | None, prompt_tokens: int, arrival: float) -> RequestTracker:
-        return RequestTracker(self, model, self.adapters.count(adapter), prompt_tokens, arrival)
+        return RequestTracker(self, model, self.adapters.count(adapter), prompt_tokens, arrival, adapter)
+
+    def refuse(self, status: int) -> None:
+        """Count one request refused as invalid (a 4xx other than 429); other statuses are ignored."""
+        if 400 <= status < 500 and status not in (429, 499):
+            self.refused.labels(str(status)).inc()
 
     def rejected(self, model: str, adapter: str | None) -> None:
         self.requests.labels(model, self.adapters.count(adapter), "rejected").inc()
@@ -259,12 +309,16 @@ class RequestTracker:
     adapter_label: str
     prompt_tokens: int
     arrival: float  # time.monotonic(), the GenerationRequest's arrival_time
+    adapter: str | None = None  # the adapter's own name (the request log), not the bounded label
+    request_id: str | None = None  # from the first TokenEvent
     token_times: list[float] = field(default_factory=list)
     generated: int = 0
     done: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)  # finish() may race: engine thread vs event loop
 
     def on_event(self, event: TokenEvent) -> None:
+        if self.request_id is None:
+            self.request_id = event.request_id
         self.token_times.extend(event.token_times)
         self.generated = event.completion_tokens
         if event.finish_reason is not None:
@@ -279,15 +333,20 @@ class RequestTracker:
         m.requests.labels(*labels, outcome).inc()
         m.prompt_tokens.labels(*labels).inc(self.prompt_tokens)
         m.generation_tokens.labels(*labels).inc(self.generated)
-        m.e2e.labels(*labels).observe(time.monotonic() - self.arrival)
+        e2e = time.monotonic() - self.arrival
+        m.e2e.labels(*labels).observe(e2e)
+        ttft = None
         if self.token_times:
             first = event.time_to_first_token if event is not None else None
-            m.ttft.labels(*labels).observe(first if first is not None else self.token_times[0] - self.arrival)
+            ttft = first if first is not None else self.token_times[0] - self.arrival
+            m.ttft.labels(*labels).observe(ttft)
         itl = m.itl.labels(*labels)
         for before, after in zip(self.token_times, self.token_times[1:]):
             itl.observe(after - before)
         if event is not None and event.queue_time is not None:
             m.queue_time.labels(*labels).observe(event.queue_time)
+        if m.request_log_json:
+            request_log.log_request(self, outcome, ttft, e2e)
 
 
 class _AdapterRegistryCollector:
@@ -313,11 +372,6 @@ class _AdapterRegistryCollector:
             "Adapters evicted (least recently used, not pinned, not in use) to make room for another.",
             labels=["model"],
         )
-        load_seconds = HistogramMetricFamily(
-            PREFIX + "lora_adapter_load_seconds",
-            "Seconds to load one adapter: read safetensors, check against the base model, install.",
-            labels=["model"],
-        )
         ready = GaugeMetricFamily(
             PREFIX + "engine_ready",
             "1 when the service can serve requests (models loaded, not draining, engine loop alive), else 0; "
@@ -331,7 +385,4 @@ class _AdapterRegistryCollector:
             for result in ("loaded", "error"):
                 loads.add_metric([model, result], stats.loads.get(result, 0))
             evictions.add_metric([model], stats.evictions)
-            seconds = list(stats.load_seconds)
-            buckets = [(str(b), sum(1 for s in seconds if s <= b)) for b in LATENCY_BUCKETS]
-            load_seconds.add_metric([model], [*buckets, ("+Inf", len(seconds))], sum(seconds))
-        return [ready, resident, loads, evictions, load_seconds]
+        return [ready, resident, loads, evictions]

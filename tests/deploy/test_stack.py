@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from tests.deploy.zoo import build_zoo
 
@@ -120,6 +121,17 @@ def test_docker_compose_config_is_valid():
         cwd=ROOT, capture_output=True, text=True, check=True,
     ).stdout.split()  # fmt: skip
     assert {"api", "api-gpu", "prometheus", "grafana", "locust-master", "locust-worker"} <= set(services)
+    # Open-loop scenarios and a secured server: the user class, rate and key come from the environment.
+    env = {**os.environ, "SCENARIO": "burst", "LOCUST_USER_CLASS": "OpenLoopUser", "RATE": "40"}
+    env["MODELSERVE_API_KEY"] = "k-123"
+    rendered = yaml.safe_load(
+        subprocess.run([compose, "-f", "docker-compose.yml", "config"], cwd=ROOT, capture_output=True, text=True,
+                       env=env, check=True).stdout
+    )  # fmt: skip
+    master = rendered["services"]["locust-master"]
+    command = master["command"] if isinstance(master["command"], str) else " ".join(master["command"])
+    assert "--scenario burst --rate 40 OpenLoopUser" in command
+    assert master["environment"]["LOCUST_API_KEY"] == "k-123" and "k-123" not in command
 
 
 @pytest.mark.slow
