@@ -27,8 +27,10 @@ def is_greedy(temperature: float, top_k: int = 0) -> bool:
 
 
 def nonfinite_rows(logits: Tensor) -> Tensor:
-    """(B, V) -> (B,) bool: rows with a NaN or +inf, or with no finite value at all."""
-    return torch.isnan(logits).any(dim=-1) | torch.isposinf(logits).any(dim=-1) | torch.isneginf(logits).all(dim=-1)
+    """(B, V) -> (B,) bool: rows with a NaN or +inf, or with no finite value at all.
+
+    One reduction: a row's maximum is NaN if it holds a NaN, +inf if it holds +inf, -inf if all are -inf."""
+    return ~torch.isfinite(logits.amax(dim=-1))
 
 
 def filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:

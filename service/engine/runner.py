@@ -119,13 +119,9 @@ class ModelRunner:
         Returns logits (B, V) at each row's last new token, or (B, T, V) at every position with
         all_positions, and the (layers, E) expert counts (MoE)."""
         longest = max(len(t) for t in tokens)
-        batch = torch.zeros(len(tokens), longest, dtype=torch.long)  # (B, T) right-padded
-        for i, row in enumerate(tokens):
-            batch[i, : len(row)] = torch.tensor(row)
+        batch = torch.tensor([row + [0] * (longest - len(row)) for row in tokens])  # (B, T) right-padded
         widest = max(len(t) for t in block_tables)
-        tables = torch.zeros(len(tokens), widest, dtype=torch.long)  # (B, nb) padded with block 0 (masked)
-        for i, table in enumerate(block_tables):
-            tables[i, : len(table)] = torch.tensor(table)
+        tables = torch.tensor([t + [0] * (widest - len(t)) for t in block_tables])  # (B, nb) padded with block 0
         query_lens = torch.tensor([len(t) for t in tokens])
         meta = AttentionMetadata.for_blocks(
             self.cache,

@@ -16,7 +16,7 @@ from service.engine.types import GenerationRequest, TokenEvent
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: the scheduler's membership tests must not compare every field
 class Sequence:
     request: GenerationRequest
     on_event: Callable[[TokenEvent], None]
