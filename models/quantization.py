@@ -166,23 +166,27 @@ class QuantizedLinear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         # x (..., in) -> (..., out). Tensors are read from _buffers/_parameters directly: nn.Module's
         # __getattr__ costs ~1 µs each, and a decode step at batch 1 is mostly such fixed costs.
-        buffers = self._buffers
-        flat = x.reshape(-1, self.in_features)  # (M, in)
-        y = int8_matmul(
-            flat,
-            buffers["weight"],
-            buffers["weight_scale"],
-            buffers["scale_bf16"],
-            self.kernel,
-            self.weight_only_max_rows,
-        )  # (M, out)
-        bias = self._parameters["bias"]
-        if bias is not None:
-            y = y + bias
-        return y.view(*x.shape[:-1], self.out_features)  # (..., out)
+        return _int8_forward(self, x, self._buffers, self._parameters["bias"])
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
+
+
+def _int8_forward(layer: nn.Linear, x: Tensor, buffers: dict, bias: Tensor | None) -> Tensor:
+    """x (..., in) -> (..., out) through an int8 table and its scales (`buffers`: weight, weight_scale,
+    scale_bf16), with the layer's kernel choice."""
+    flat = x.reshape(-1, layer.in_features)  # (M, in)
+    y = int8_matmul(
+        flat,
+        buffers["weight"],
+        buffers["weight_scale"],
+        buffers["scale_bf16"],
+        layer.kernel,
+        layer.weight_only_max_rows,
+    )  # (M, out)
+    if bias is not None:
+        y = y + bias
+    return y.view(*x.shape[:-1], layer.out_features)  # (..., out)
 
 
 class QuantizedEmbedding(nn.Module):
@@ -235,17 +239,7 @@ class QuantizedTiedHead(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         # x (..., hidden) -> (..., vocab)
-        buffers = self.tied_embedding._buffers
-        flat = x.reshape(-1, self.in_features)  # (M, hidden)
-        y = int8_matmul(
-            flat,
-            buffers["weight"],
-            buffers["weight_scale"],
-            buffers["scale_bf16"],
-            self.kernel,
-            self.weight_only_max_rows,
-        )  # (M, vocab)
-        return y.view(*x.shape[:-1], self.out_features)
+        return _int8_forward(self, x, self.tied_embedding._buffers, None)
 
 
 def _wanted(path: str, config: QuantizationConfig) -> bool:
