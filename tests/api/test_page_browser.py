@@ -173,7 +173,8 @@ def test_wrong_key_shows_server_error_and_admin_works(auth_server, zoo, open_pag
     page = w.page
     page.fill("#api-key", "wrong")
     page.dispatch_event("#api-key", "change")
-    page.wait_for_function("document.querySelector('#banner').textContent.includes('401')")
+    # The page's first load (no key yet) already shows a 401: wait for the wrong key's own message.
+    page.wait_for_function("m => document.querySelector('#banner').textContent.includes(m)", arg=message)
     assert message in page.locator("#banner").inner_text()
     page.click("#pg-run")
     page.wait_for_function("document.querySelector('#pg-output').classList.contains('error')")
