@@ -95,9 +95,13 @@ class BlockManager:
         self.stats.hits += hit
         return hit
 
+    def has_unregistered(self, table: BlockTable, num_computed: int) -> bool:
+        """True when a full computed block is not registered yet (cheap: the per-step check)."""
+        return self.enable_prefix_caching and (len(table.hashes) + 1) * self.block_size <= num_computed
+
     def register(self, table: BlockTable, tokens: list[int], num_computed: int) -> None:
         """Register the table's full blocks whose keys and values are computed (call after a successful step)."""
-        if not self.enable_prefix_caching:
+        if not self.has_unregistered(table, num_computed):
             return
         while (len(table.hashes) + 1) * self.block_size <= num_computed:
             i = len(table.hashes)
@@ -110,9 +114,6 @@ class BlockManager:
             table.hashes.append(digest)
 
     # ---- allocation ----
-    def can_grow(self, table: BlockTable, num_tokens: int) -> bool:
-        return blocks_for(num_tokens, self.block_size) - len(table.blocks) <= self.num_free
-
     def grow(self, table: BlockTable, num_tokens: int) -> bool:
         """Give the table enough blocks for num_tokens; False (nothing taken) when the pool is short."""
         needed = blocks_for(num_tokens, self.block_size) - len(table.blocks)
@@ -139,10 +140,6 @@ class BlockManager:
         self._release(table.blocks)
         table.blocks.clear()
         table.hashes.clear()
-
-    def forget_uncomputed(self, table: BlockTable) -> None:
-        """After a failed step: nothing past the registered blocks may be cached (their contents are unknown)."""
-        self.free(table)
 
     # ---- internals ----
     def _take(self, block: int) -> None:

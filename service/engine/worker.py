@@ -99,6 +99,11 @@ class ModelWorker:
         info = self.served.registry.resident.get(adapter)
         return f"{adapter}#{info.load_id if info is not None else 'gone'}"
 
+    def _register(self, seq: Sequence) -> None:
+        """Make seq's newly completed blocks reusable; the token list is built only when a block completed."""
+        if self.blocks.has_unregistered(seq.table, seq.num_computed):
+            self.blocks.register(seq.table, seq.all_tokens(), seq.num_computed)
+
     def _lookahead(self, seq: Sequence) -> int:
         return self.speculative.config.num_draft_tokens if self.speculative is not None else 0
 
@@ -118,7 +123,7 @@ class ModelWorker:
             for row in rows:  # computed KV of full blocks becomes reusable (never after a failed step)
                 seq = row.sequence
                 if not seq.released:
-                    self.blocks.register(seq.table, seq.all_tokens(), seq.num_computed)
+                    self._register(seq)
         except Exception as exc:  # isolate the failure: this step's requests end, the engine goes on
             log.exception("engine step of model %s failed; failing its %d request(s)", self.served.name, len(rows))
             stats.error = f"{type(exc).__name__}: {exc}"
@@ -239,7 +244,7 @@ class ModelWorker:
             return
         seq.released = True
         if reason in (FINISH_STOP, FINISH_LENGTH):  # its KV came from successful forwards: keep the full blocks
-            self.blocks.register(seq.table, seq.all_tokens(), seq.num_computed)
+            self._register(seq)
         self.scheduler.remove(seq)
         self.finished_ids.append(seq.request_id)
         self.blocks.free(seq.table)
