@@ -10,6 +10,8 @@ One request at a time, a fixed prompt, greedy, exactly `max_tokens` new tokens. 
 out: engine times are when each token's event reached the callback, `transformers` times when
 generate handed the token to its streamer. End-to-end tokens/s (submission to last token) is
 reported too. All configurations run interleaved, round by round; medians over the rounds.
+The engine runs as served with `compile_decode` (models.decode_graph under torch.compile; its warm-up
+time is reported) and, beside it, on its eager path (`eager_*` columns), so each row shows both.
 Targets: engine decode >= 2x `transformers` on the same model; MoE vs dense: the ratio is reported.
 
 Diagnosis: per model, three per-token costs timed interleaved with each other: the engine's model
@@ -149,9 +151,14 @@ def sources(config: DecodeBenchConfig, workdir: Path) -> list[ModelSource]:
 
 
 def make_row(
-    source: ModelSource, engine: list[RunResult], hf: list[RunResult], costs: dict[str, float]
+    source: ModelSource,
+    engine: list[RunResult],
+    eager: list[RunResult],
+    hf: list[RunResult],
+    costs: dict[str, float],
 ) -> dict[str, Any]:
     engine_decode = statistics.median(r.decode_tokens_per_s() for r in engine)
+    eager_decode = statistics.median(r.decode_tokens_per_s() for r in eager)
     hf_decode = statistics.median(r.decode_tokens_per_s() for r in hf)
     engine_e2e, hf_e2e = median_run(engine).tokens_per_s, median_run(hf).tokens_per_s
     split = median_run(engine).split()
@@ -164,6 +171,9 @@ def make_row(
         "engine_decode_tok_s": engine_decode,
         "hf_decode_tok_s": hf_decode,
         "decode_speedup": engine_decode / hf_decode,
+        "eager_decode_tok_s": eager_decode,
+        "eager_speedup": eager_decode / hf_decode,
+        "identical_tokens_eager": engine[0].outputs == eager[0].outputs,
         "engine_e2e_tok_s": engine_e2e,
         "hf_e2e_tok_s": hf_e2e,
         "e2e_speedup": engine_e2e / hf_e2e,
@@ -185,7 +195,8 @@ def notes(rows: list[dict[str, Any]], verdict: dict[str, Any]) -> list[str]:
     for r in rows:
         met = "met" if verdict["met"][r["model"]] else "missed"
         lines.append(
-            f"{r['model']}: engine {r['decode_speedup']:.2f}x transformers at batch-1 decode ({met}); per token the "
+            f"{r['model']}: engine {r['decode_speedup']:.2f}x transformers at batch-1 decode ({met}; eager path "
+            f"{r['eager_speedup']:.2f}x; compile warm-up {r['compile_warmup_s']:.1f} s); per token the "
             f"engine takes {r['engine_ms_per_token']:.2f} ms (step {r['engine_step_ms']:.2f}, of which "
             f"ModelRunner.run {r['engine_runner_ms']:.2f}), transformers {r['hf_ms_per_token']:.2f} ms; bare "
             f"forwards timed side by side: ours {r['engine_forward_ms']:.2f} ms, transformers' "
@@ -249,14 +260,20 @@ def run(tiny: bool, out_dir: Path) -> dict[str, Path]:
     with tempfile.TemporaryDirectory(prefix="bench-decode-") as tmp:
         models = sources(config, Path(tmp))
         max_len = config.prompt_len + config.max_tokens
-        harness = EngineHarness([served(m, max_len) for m in models], SchedulerConfig())
+        # The engine as served (decode compiled; batch-1 runs need only the size-1 graph) and its eager path.
+        harness = EngineHarness(
+            [served(m, max_len) for m in models], SchedulerConfig(compile_decode=True, max_batch_size=1)
+        )
+        eager = EngineHarness([served(m, max_len) for m in models], SchedulerConfig(max_batch_size=1))
         peers = {m.name: load_hf(m.directory) for m in models}
         fns = {}
         for m in models:
             prompt = random_prompts(1, m.config.vocab_size, (config.prompt_len,) * 2, config.seed)
             fns[f"engine {m.name}"] = lambda m=m, p=prompt: harness.run(m.name, p, [None], config.max_tokens)
+            fns[f"eager {m.name}"] = lambda m=m, p=prompt: eager.run(m.name, p, [None], config.max_tokens)
             fns[f"hf {m.name}"] = lambda m=m, p=prompt: hf_sequential(peers[m.name], p, [None], config.max_tokens)
-        with harness.running(), tqdm(total=2, desc=NAME, unit="block") as progress:
+        with harness.running(), eager.running(), tqdm(total=2, desc=NAME, unit="block") as progress:
+            warm_up = {name: worker.compile_seconds for name, worker in harness.engine.workers.items()}
             runs = interleaved(fns, config.warmup, config.reps)
             progress.update()
             costs = {
@@ -264,7 +281,11 @@ def run(tiny: bool, out_dir: Path) -> dict[str, Path]:
                 for m in models
             }
             progress.update()
-    rows = [make_row(m, runs[f"engine {m.name}"], runs[f"hf {m.name}"], costs[m.name]) for m in models]
+    rows = [
+        make_row(m, runs[f"engine {m.name}"], runs[f"eager {m.name}"], runs[f"hf {m.name}"], costs[m.name])
+        | {"compile_warmup_s": warm_up[m.name]}
+        for m in models
+    ]
     by_model = {r["model"]: r for r in rows}
     moe, dense = by_model["moe"], by_model[DENSE_EQUIVALENT]
     verdict = {
@@ -282,7 +303,8 @@ def run(tiny: bool, out_dir: Path) -> dict[str, Path]:
         "notes": notes(rows, verdict),
         "columns": "decode_tok_s = (tokens - 1) / (last - first token time), median over rounds; e2e_tok_s = tokens / "
         "median wall s from submission (engine) or the generate call (transformers) to the last token; "
-        "identical_tokens: engine and transformers greedy ids equal on the first round; engine_step_ms, "
+        "identical_tokens: engine and transformers greedy ids equal on the first round (identical_tokens_eager: "
+        "compiled and eager engine); eager_*: the engine with compile_decode off; engine_step_ms, "
         "engine_runner_ms: mean decode step and ModelRunner.run (inputs, metadata, forward) of the median engine "
         "run; engine_forward_ms, hf_forward_ms, floor_ms: one decode token's bare model forward on each side and "
         "the matrix-vector floor, timed interleaved with each other after the runs (compare them with each "

@@ -6,7 +6,7 @@ Checks, each printed as PASS/FAIL with its numbers, then written to reports/gpu_
 - the SDPA flash kernel runs for causal prefill (forced with `sdpa_kernel(FLASH_ATTENTION)`) and agrees
   with the math path;
 - a mixed batch of LoRA adapters equals `peft` per adapter; speculative decoding keeps greedy tokens;
-- optional `torch.compile` of the decode step gives the same tokens;
+- the engine's compiled decode step (`compile_decode`) gives the eager engine's tokens (float32, bfloat16);
 - an int8-quantized model serves its own greedy tokens, and its decode speed against bfloat16 at
   batch 1 and 32 (`bench/gpu_int8.py`; issue 17's GPU target).
 Then the benchmarks run at full size with the device's timings. With `--device cpu` it runs the same
@@ -61,10 +61,10 @@ def check_flash_and_bf16(device: str) -> dict:
     return {"ok": diff < 2e-2, "flash_vs_math_max_abs_diff": diff, "dtype": str(q.dtype)}
 
 
-def run_engine(model, tokenizer, prompts, max_tokens, **served) -> list[list[int]]:
-    from service.engine import Engine, GenerationRequest, SamplingParams, ServedModel
+def run_engine(model, tokenizer, prompts, max_tokens, scheduler=None, **served) -> list[list[int]]:
+    from service.engine import Engine, EngineConfig, GenerationRequest, SamplingParams, SchedulerConfig, ServedModel
 
-    engine = Engine()
+    engine = Engine(EngineConfig(scheduler=scheduler or SchedulerConfig()))
     engine.add_model(ServedModel("m", model, tokenizer, max_model_len=128, **served))
     engine.start()
     out: dict[str, list[int]] = {}
@@ -107,17 +107,31 @@ def check_engine_bf16(device: str) -> dict:
 
 
 def check_compile(device: str) -> dict:
-    from models import SamplingConfig, generate
+    """The engine's compiled decode (models/decode_graph.py) gives the eager engine's greedy tokens, in
+    float32 and (CUDA) bfloat16, batch buckets 1-4; its warm-up and tokens/s against eager are reported."""
+    from service.engine import SchedulerConfig
     from tests.service.engine_fixtures import tiny_model, tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
-    model = tiny_model(tokenizer.vocab_size).to(device)
-    prompt = tokenizer.encode("hello world")
-    eager = generate(model, [prompt], SamplingConfig(max_new_tokens=12))[0]
-    compiled = torch.compile(model, dynamic=True)
-    started = time.perf_counter()
-    tokens = generate(compiled, [prompt], SamplingConfig(max_new_tokens=12))[0]
-    return {"ok": tokens == eager, "compile_and_run_seconds": time.perf_counter() - started}
+    prompts = [(tokenizer.encode(text), None) for text in ("hello world", "the quick brown fox", "def f(x):", "a")]
+    result: dict = {"ok": True}
+    for dtype in [torch.float32] + ([torch.bfloat16] if device == "cuda" else []):
+        model = tiny_model(tokenizer.vocab_size).to(device=device, dtype=dtype)
+        timings = {}
+        tokens = {}
+        for compiled in (False, True):
+            scheduler = SchedulerConfig(max_batch_size=4, compile_decode=compiled)
+            started = time.perf_counter()
+            tokens[compiled] = run_engine(model, tokenizer, prompts, 32, scheduler)
+            timings[compiled] = time.perf_counter() - started
+        same = tokens[True] == tokens[False]
+        result[str(dtype)] = {
+            "tokens_equal_eager": same,
+            "eager_run_s": round(timings[False], 2),
+            "compiled_run_s_with_warmup": round(timings[True], 2),
+        }
+        result["ok"] = result["ok"] and same
+    return result
 
 
 CHECKS: dict[str, Callable[[str], dict]] = {

@@ -1,6 +1,9 @@
 """Paged key/value cache: one preallocated pool of fixed-size blocks, addressed through block tables.
 
-One tensor per key and value holds every layer: (layers, num_blocks, block_size, kv_heads, head_dim).
+Each layer has one key and one value tensor, (num_blocks + 1, block_size, kv_heads, head_dim): separate
+tensors per layer, so a compiled decode step writes each in place (a view of one tensor holding every
+layer would be copied whole by the compiler). The last block is scratch: never handed out, it takes
+the writes of a compiled step's padding rows.
 A sequence's keys and values live in the blocks its block table lists, in order: position p is
 offset p % block_size of block table[p // block_size]. Memory is held for the tokens in use, blocks
 can be shared by sequences with a common prefix (prefix caching), and which blocks a sequence gets is
@@ -41,27 +44,28 @@ class PagedKVCache:
     ) -> None:
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"a KV cache needs at least one block of one token (got {num_blocks} x {block_size})")
-        shape = (config.num_hidden_layers, num_blocks, block_size, config.num_key_value_heads, config.head_dim)
-        self.k: Tensor = torch.zeros(shape, dtype=dtype, device=device)
-        self.v: Tensor = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (num_blocks + 1, block_size, config.num_key_value_heads, config.head_dim)
+        self.k: list[Tensor] = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.v: list[Tensor] = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.num_blocks = num_blocks
+        self.scratch_block = num_blocks  # written by padding rows, read by nobody
         self.block_size = block_size
         self.max_position_embeddings = config.max_position_embeddings
 
     @property
     def bytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
+        return 2 * sum(k.numel() * k.element_size() for k in self.k)
 
     def write(self, layer: int, blocks: Tensor, offsets: Tensor, k: Tensor, v: Tensor) -> None:
         # blocks, offsets (N,); k, v (N, KVH, D)
-        self.k[layer, blocks, offsets] = k
-        self.v[layer, blocks, offsets] = v
+        self.k[layer][blocks, offsets] = k
+        self.v[layer][blocks, offsets] = v
 
     def read(self, layer: int, block_tables: Tensor) -> tuple[Tensor, Tensor]:
         """block_tables (B, nb) -> k, v (B, KVH, nb * block_size, D), in position order."""
         b, nb = block_tables.shape
-        k = self.k[layer, block_tables]  # (B, nb, bs, KVH, D)
-        v = self.v[layer, block_tables]
+        k = self.k[layer][block_tables]  # (B, nb, bs, KVH, D)
+        v = self.v[layer][block_tables]
         k = k.reshape(b, nb * self.block_size, k.shape[-2], k.shape[-1]).transpose(1, 2)  # (B, KVH, L, D)
         v = v.reshape(b, nb * self.block_size, v.shape[-2], v.shape[-1]).transpose(1, 2)
         return k, v

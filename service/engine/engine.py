@@ -67,6 +67,9 @@ class Engine:
         self.workers[served.name] = ModelWorker(served, self.config.scheduler)
 
     def start(self) -> None:
+        """Compile what is compiled (before the server reports ready), then start the engine loop."""
+        for worker in self.workers.values():
+            worker.warm_up()
         self._thread = threading.Thread(target=self._run, name="modelserve-engine", daemon=True)
         self._thread.start()
 

@@ -19,6 +19,7 @@ from torch import Tensor
 from models.attention import AttentionMetadata
 from models.decoder import CausalLM
 from models.kv_cache import PagedKVCache
+from service.engine.compiled_decode import CompiledDecode
 from service.engine.scheduler import ScheduledRow
 
 # (adapter name of each row, tokens per row) -> context manager that activates those adapters.
@@ -70,11 +71,12 @@ class ModelRunner:
         model: CausalLM,
         cache: PagedKVCache,
         activate_adapters: AdapterActivator | None = None,
-        compile_decode: bool = False,
+        compiled_decode: CompiledDecode | None = None,
     ) -> None:
         self.model = model
-        # torch.compile'd forward for decode steps (one token per row); prefill stays eager.
-        self.decode_model = torch.compile(model, dynamic=True) if compile_decode else model
+        # Decode forwards of base-model rows go through the compiled graph when there is one; prefill,
+        # adapter rows and speculative verification stay eager.
+        self.compiled_decode = compiled_decode
         self.cache = cache
         self.device = model.device
         self.activate_adapters = activate_adapters
@@ -85,9 +87,15 @@ class ModelRunner:
         expert_tokens: Tensor | None = None
         decode = [r for r in rows if len(r.tokens) == 1]
         prefill = [r for r in rows if len(r.tokens) > 1]
-        groups = group_rows(decode, decode_work, MIN_SPLIT_DECODE) + group_rows(
-            prefill, prefill_work, MIN_SPLIT_PREFILL
-        )
+        if self.compiled_decode is not None:  # base rows decode compiled, adapter rows in their own forwards
+            base = [r for r in decode if r.sequence.request.adapter is None]
+            adapted = [r for r in decode if r.sequence.request.adapter is not None]
+            decode_groups = group_rows(base, decode_work, MIN_SPLIT_DECODE) + group_rows(
+                adapted, decode_work, MIN_SPLIT_DECODE
+            )
+        else:
+            decode_groups = group_rows(decode, decode_work, MIN_SPLIT_DECODE)
+        groups = decode_groups + group_rows(prefill, prefill_work, MIN_SPLIT_PREFILL)
         for group in groups:
             group.sort(key=lambda r: r.sequence.request.adapter or "")
             out_logits, counts = self._forward(group)
@@ -119,6 +127,15 @@ class ModelRunner:
         Returns logits (B, V) at each row's last new token, or (B, T, V) at every position with
         all_positions, and the (layers, E) expert counts (MoE)."""
         longest = max(len(t) for t in tokens)
+        compiled = self.compiled_decode
+        if (
+            compiled is not None
+            and longest == 1
+            and not all_positions
+            and not (adapters and any(adapters))
+            and compiled.accepts(len(tokens), block_tables)
+        ):
+            return compiled.run([t[0] for t in tokens], block_tables, context_lens)
         batch = torch.tensor([row + [0] * (longest - len(row)) for row in tokens])  # (B, T) right-padded
         widest = max(len(t) for t in block_tables)
         tables = torch.tensor([t + [0] * (widest - len(t)) for t in block_tables])  # (B, nb) padded with block 0
@@ -133,7 +150,6 @@ class ModelRunner:
         if self.activate_adapters is not None and adapters is not None and any(adapters):
             active = self.activate_adapters(adapters, longest)
         last = None if all_positions else (query_lens - 1).to(self.device)
-        model = self.decode_model if longest == 1 else self.model
         with active:
-            out = model(batch.to(self.device), meta=meta, logits_positions=last)
+            out = self.model(batch.to(self.device), meta=meta, logits_positions=last)
         return out.logits, out.expert_counts

@@ -21,6 +21,7 @@ from models.kv_cache import PagedKVCache, blocks_for
 from models.sampling import nonfinite_rows
 from models.tokenizer import TextTokenizer
 from service.engine.block_manager import BlockManager
+from service.engine.compiled_decode import CompiledDecode
 from service.engine.ngram import NgramDecoder
 from service.engine.runner import ModelRunner
 from service.engine.sampler import sample
@@ -61,7 +62,12 @@ class ModelWorker:
         self.cache = PagedKVCache(model.config, num_blocks, config.block_size, model.dtype, model.device)
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         activate = served.registry.activate if served.registry is not None else None
-        self.runner = ModelRunner(model, self.cache, activate, config.compile_decode)
+        compiled = None
+        if config.compile_decode and CompiledDecode.supports(model):
+            compiled = CompiledDecode(model, self.cache, config.max_batch_size)
+        elif config.compile_decode:
+            log.warning("%s: compiled decode needs float weights (int8 models run eager)", served.name)
+        self.runner = ModelRunner(model, self.cache, activate, compiled)
         self.eos = set(served.eos_token_ids)
         self.finished_ids: list[str] = []  # requests finished since the engine last collected them
         self.speculative: SpeculativeDecoder | None = None
@@ -84,6 +90,15 @@ class ModelWorker:
             )
         self.scheduler = Scheduler(config, self.blocks, served.max_model_len, self._lookahead, self._on_preempt)
         self._prefix_queries = self._prefix_hits = self._preemptions = 0
+        self.compile_seconds = 0.0  # compiled-decode warm-up of this process (0: none)
+
+    def warm_up(self) -> None:
+        """Compile the decode graphs (a no-op without compiled decode); logs progress and the time it took."""
+        compiled = self.runner.compiled_decode
+        if compiled is not None and not compiled.warm:
+            name = self.served.name
+            self.compile_seconds = compiled.warm_up(lambda message: log.info("%s: %s", name, message))
+            log.info("%s: compiled decode ready in %.1f s", name, self.compile_seconds)
 
     @property
     def has_work(self) -> bool:

@@ -1,0 +1,165 @@
+"""The compiled decode step (models.decode_graph under torch.compile) against the eager path.
+
+Every equality test of the compiled path lives here, so CI pays its compile time once per model:
+- `DecodeGraph` (run eagerly: the same math the compiler gets) gives the eager forward's logits for
+  every family (GQA, biases and tied head, MoE on both its gathered and its all-experts path,
+  sliding window), rows at different context lengths, padding rows writing only the scratch block;
+- its fused q/k/v and gate/up weights are views: the model's projections share their storage;
+- an engine with `compile_decode` gives `peft`'s / `transformers`' greedy tokens for base and adapter
+  rows mixed (adapter rows go eager), compiles before it starts, and runs its decode steps compiled;
+- int8 models are not compiled (they serve eager).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models import load_model
+from models.attention import AttentionMetadata
+from models.decode_graph import MOE_GATHER_MAX_PAIRS, DecodeGraph
+from models.kv_cache import PagedKVCache
+from service.engine import SchedulerConfig
+from service.engine.compiled_decode import CompiledDecode, batch_buckets
+from tests.adapters.test_multi_lora import setup  # noqa: F401  (fixture)
+from tests.models.hf_fixtures import VOCAB, save_hf_model
+from tests.service.test_paged_kv import expected, make_engine, run, tokens
+
+
+def prefill(model, cache: PagedKVCache, lengths: list[int], seed: int) -> tuple[list[list[int]], torch.Tensor]:
+    """Prompts of `lengths` cached in consecutive blocks (eager forward). Returns (tables, next tokens)."""
+    gen = torch.Generator().manual_seed(seed)
+    tables, start = [], 0
+    for length in lengths:
+        count = -(-(length + 1) // cache.block_size)
+        tables.append(list(range(start, start + count)))
+        start += count
+        prompt = torch.randint(3, VOCAB, (1, length), generator=gen)
+        meta = AttentionMetadata.for_blocks(
+            cache, torch.tensor([tables[-1]]), torch.tensor([0]), torch.tensor([length])
+        )
+        model(prompt, meta=meta)
+    return tables, torch.randint(3, VOCAB, (len(lengths),), generator=gen)
+
+
+def eager_decode(model, cache, tables, lengths, next_tokens) -> torch.Tensor:
+    width = max(len(t) for t in tables)
+    meta = AttentionMetadata.for_blocks(
+        cache,
+        torch.tensor([t + [0] * (width - len(t)) for t in tables]),
+        torch.tensor(lengths),
+        torch.ones(len(lengths), dtype=torch.long),
+    )
+    out = model(next_tokens[:, None], meta=meta, logits_positions=torch.zeros(len(lengths), dtype=torch.long))
+    return out.logits  # (B, V)
+
+
+@pytest.mark.parametrize(
+    "family,window,lengths",
+    [
+        ("llama", None, [5, 17, 40]),
+        ("qwen2", None, [1, 30]),  # q/k/v biases, tied LM head
+        ("mistral", 8, [3, 20, 33]),  # sliding window shorter than the contexts
+        ("mixtral", None, [4, 18]),  # MoE, gathered experts (few tokens)
+        ("mixtral", None, [2 + i for i in range(MOE_GATHER_MAX_PAIRS)]),  # MoE, every expert masked by routing
+    ],
+)
+@torch.inference_mode()
+def test_decode_graph_equals_the_eager_forward(tmp_path, family, window, lengths):
+    save_hf_model(family, tmp_path / family)
+    model = load_model(tmp_path / family)
+    if window is not None:
+        model.config = model.config.replace(sliding_window=window)
+    cache = PagedKVCache(model.config, num_blocks=64, block_size=16)
+    tables, next_tokens = prefill(model, cache, lengths, seed=len(lengths))
+    want = eager_decode(model, cache, tables, lengths, next_tokens)
+    graph = DecodeGraph(model)  # fuses the weights in place: the eager model must still agree after it
+    # Rerun the eager decode on a fresh copy of the cache state (it rewrites the same slots).
+    again = eager_decode(model, cache, tables, lengths, next_tokens)
+    torch.testing.assert_close(again, want)
+    width = max(len(t) for t in tables) + 1
+    padded = [t + [cache.scratch_block] * (width - len(t)) for t in tables] + [[cache.scratch_block] * width]
+    slots = [padded[r][n // 16] * 16 + n % 16 for r, n in enumerate(lengths)] + [cache.scratch_block * 16]
+    before = [k.clone() for k in cache.k]
+    logits, counts = graph(
+        torch.cat([next_tokens, torch.tensor([0])]),  # one padding row
+        torch.tensor(lengths + [0]),
+        torch.tensor(padded),
+        torch.tensor(slots),
+        torch.tensor([1.0] * len(lengths) + [0.0]),
+        cache.k,
+        cache.v,
+    )
+    torch.testing.assert_close(logits[: len(lengths)], want, rtol=1e-4, atol=1e-4)
+    for layer, k in enumerate(cache.k):  # the padding row wrote the scratch block, nothing else changed
+        torch.testing.assert_close(k[: cache.num_blocks], before[layer][: cache.num_blocks])
+    if family == "mixtral":
+        assert counts.shape == (2, 8) and counts.sum().item() == 2 * 2 * len(lengths)  # layers x top-k x rows
+    else:
+        assert counts is None
+
+
+def test_fused_projections_share_storage_with_the_model(tmp_path):
+    save_hf_model("llama", tmp_path / "m")
+    model = load_model(tmp_path / "m")
+    graph = DecodeGraph(model)
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    fused_qkv, fused_gate_up = graph.qkv[0][0], graph.gate_up[0]
+    assert attn.q_proj.weight.data_ptr() == fused_qkv.data_ptr()
+    assert attn.v_proj.weight.untyped_storage().data_ptr() == fused_qkv.untyped_storage().data_ptr()
+    assert mlp.up_proj.weight.untyped_storage().data_ptr() == fused_gate_up.untyped_storage().data_ptr()
+
+
+def test_int8_models_are_not_compiled(tmp_path):
+    save_hf_model("llama", tmp_path / "m")
+    assert CompiledDecode.supports(load_model(tmp_path / "m"))
+    assert not CompiledDecode.supports(load_model(tmp_path / "m", quantization="int8"))
+
+
+def test_batch_buckets():
+    assert batch_buckets(1) == [1]
+    assert batch_buckets(32) == [1, 2, 4, 8, 16, 32]
+    assert batch_buckets(24) == [1, 2, 4, 8, 16, 24]
+
+
+def test_engine_with_compiled_decode_equals_peft_for_base_and_adapter_rows(setup):  # noqa: F811
+    root, peft_models = setup
+    engine, _ = make_engine(root, compile_decode=True, max_batch_size=4)
+    try:
+        worker = engine.workers["base"]
+        compiled = worker.runner.compiled_decode
+        assert compiled is not None and compiled.warm and worker.compile_seconds > 0  # compiled before start
+        calls = []
+        run_compiled = compiled.run
+        compiled.run = lambda *args: calls.append(len(args[0])) or run_compiled(*args)
+        gen = torch.Generator().manual_seed(11)
+        plan = [
+            (adapter, torch.randint(3, VOCAB, (n,), generator=gen).tolist())
+            for adapter, n in [(None, 5), (None, 17), ("a1", 9), (None, 30), ("a2", 3), (None, 12)]
+        ]
+        events = run(engine, plan)
+        for i, (adapter, prompt) in enumerate(plan):
+            assert tokens(events[f"r{i}"]) == expected(peft_models, adapter, prompt), f"request {i} on {adapter}"
+        assert calls and max(calls) >= 2, "no decode step of base rows ran compiled"
+        worker.blocks.check()
+    finally:
+        engine.stop()
+
+
+def test_moe_engine_with_compiled_decode_equals_transformers(tmp_path):
+    from service.engine import Engine, EngineConfig, ServedModel
+    from tests.adapters.test_multi_lora import peft_greedy
+    from tests.service.engine_fixtures import tiny_tokenizer
+
+    hf = save_hf_model("mixtral", tmp_path / "moe")
+    engine = Engine(EngineConfig(scheduler=SchedulerConfig(compile_decode=True, max_batch_size=2)))
+    engine.add_model(ServedModel("base", load_model(tmp_path / "moe"), tiny_tokenizer(), max_model_len=64))
+    engine.start()
+    try:
+        gen = torch.Generator().manual_seed(12)
+        plan = [(None, torch.randint(3, VOCAB, (n,), generator=gen).tolist()) for n in (7, 21, 4)]
+        events = run(engine, plan)
+        for i, (_, prompt) in enumerate(plan):
+            assert tokens(events[f"r{i}"]) == peft_greedy(hf, prompt, 8), f"request {i}"
+    finally:
+        engine.stop()
