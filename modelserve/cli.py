@@ -43,6 +43,73 @@ def _loadtest(args: argparse.Namespace) -> int:
     return loadtest_main(args.args, prog="modelserve loadtest")
 
 
+# Settings with their own flags above (pairs, choices) and settings no flag can express (lists, dicts).
+EXPLICIT_FLAGS = {"host", "port", "device", "models", "adapters", "drafts", "quantization", "ray_address"}
+# vLLM's names for the same settings, so a `vllm serve` command line mostly carries over.
+VLLM_ALIASES = {
+    "max_batch_size": ["--max-num-seqs"],
+    "max_tokens_per_step": ["--max-num-batched-tokens"],
+    "kv_block_size": ["--block-size"],
+    "num_draft_tokens": ["--num-speculative-tokens"],
+}
+SETTING_DEST = "setting_"  # argparse dest prefix of the generated flags
+
+
+def add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per scalar setting of `service.settings.Settings` (--max-model-len, --compile-decode /
+    --no-compile-decode, ...), plus vLLM's aliases, `--api-key` (repeatable) and `--enforce-eager`."""
+    import types
+    import typing
+    from pathlib import Path
+
+    from service.settings import Settings
+
+    group = parser.add_argument_group("settings (each also MODELSERVE_<NAME> in the environment)")
+    for name, field in Settings.model_fields.items():
+        if name in EXPLICIT_FLAGS:
+            continue
+        kind = field.annotation
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):  # X | None
+            kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
+        flags = [f"--{name.replace('_', '-')}", *VLLM_ALIASES.get(name, [])]
+        dest, default = SETTING_DEST + name, field.default
+        if kind is bool:
+            group.add_argument(
+                *flags, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=f"(default: {default})"
+            )
+        elif typing.get_origin(kind) is typing.Literal:
+            group.add_argument(
+                *flags, dest=dest, choices=list(typing.get_args(kind)), default=None, help=f"(default: {default})"
+            )
+        elif kind in (int, float, str, Path):
+            group.add_argument(
+                *flags, dest=dest, type=kind, default=None, metavar=kind.__name__.upper(), help=f"(default: {default})"
+            )
+    group.add_argument(
+        "--api-key",
+        dest=SETTING_DEST + "api_keys",
+        action="append",
+        default=None,
+        help="a key user routes accept (repeatable; vLLM's flag)",
+    )
+    group.add_argument(
+        "--enforce-eager",
+        dest=SETTING_DEST + "compile_decode",
+        action="store_false",
+        default=None,
+        help="never compile (vLLM's flag; = --no-compile-decode)",
+    )
+
+
+def settings_overrides(args: argparse.Namespace) -> dict[str, object]:
+    """The settings given as generated flags (None: not given)."""
+    return {
+        key[len(SETTING_DEST) :]: value
+        for key, value in vars(args).items()
+        if key.startswith(SETTING_DEST) and value is not None
+    }
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="modelserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -76,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--ray", action="store_true", help="run as a Ray Serve application (replicas, autoscaling)")
     serve.add_argument("--ray-address", default=None, help="with --ray: the cluster to join (default: a local one)")
+    add_settings_flags(serve)
     serve.set_defaults(func=_serve)
 
     bench = sub.add_parser("bench", help="run the side-by-side benchmarks into reports/")

@@ -221,10 +221,12 @@ def build_client(settings: Settings, observer: RequestObserver, on_step=None) ->
     # The client's admission bounds each model's requests (running + waiting); the engine's own bound also
     # counts submissions not yet moved into its scheduler, so it gets the whole capacity as a backstop.
     capacity = settings.max_batch_size + settings.max_waiting
+    settings.export_torch_environment()
     scheduler = SchedulerConfig(
         settings.max_batch_size,
         settings.max_tokens_per_step,
         capacity,
+        compile_decode=settings.compile_decode,
         block_size=settings.kv_block_size,
         kv_cache_tokens=settings.kv_cache_tokens,
         enable_prefix_caching=settings.enable_prefix_caching,

@@ -10,6 +10,7 @@ environment.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -51,6 +52,13 @@ class Settings(BaseSettings):
     # slot per sequence took); max_batch_size is the most sequences running at once (vLLM's max_num_seqs).
     kv_cache_tokens: int | None = Field(None, ge=16)
     kv_block_size: int = Field(16, ge=1, le=1024)  # tokens per KV block
+    # Decode steps of base-model rows run as one torch.compile'd graph per batch-size bucket
+    # (models/decode_graph.py), compiled before /ready turns 200. Off by default on CPU: it measured
+    # 1.3-2x faster per token but costs a warm-up of seconds per bucket and model (README, "Speed").
+    compile_decode: bool = False
+    # Where Inductor keeps compiled code across restarts (TORCHINDUCTOR_CACHE_DIR); None: torch's default
+    # (/tmp/torchinductor_<user>). Point it at a volume to keep a warm cache across container restarts.
+    compile_cache_dir: Path | None = None
     enable_prefix_caching: bool = True  # reuse the KV of full blocks of prompts already seen (per adapter load)
     max_waiting: int = Field(64, ge=0)  # queued requests per model beyond the running ones; more get 429
     request_timeout_s: float = Field(600.0, gt=0)  # a request still generating after this is cancelled (504)
@@ -120,6 +128,11 @@ class Settings(BaseSettings):
         if path.suffix == ".json":
             return cls(**{**json.loads(path.read_text()), **overrides})
         return cls(_env_file=path, **overrides)
+
+    def export_torch_environment(self) -> None:
+        """Set the environment variables torch reads (this module is the one that touches the environment)."""
+        if self.compile_cache_dir is not None:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(self.compile_cache_dir.resolve())
 
     @property
     def effective_adapter_roots(self) -> list[Path]:

@@ -98,6 +98,8 @@ class DrainingServer(uvicorn.Server):
 
 def settings_from_args(args: argparse.Namespace, **extra: object) -> Settings:
     """Settings from `modelserve serve` flags over the --config file and the environment (ValueError if invalid)."""
+    from modelserve.cli import settings_overrides
+
     return Settings.load(
         getattr(args, "config", None),
         host=args.host,
@@ -107,6 +109,7 @@ def settings_from_args(args: argparse.Namespace, **extra: object) -> Settings:
         adapters=parse_pairs(args.adapter, "--adapter"),
         drafts=parse_pairs(getattr(args, "draft", None), "--draft"),
         quantization={"*": args.quantization} if getattr(args, "quantization", None) else None,
+        **settings_overrides(args),
         **extra,
     )
 
