@@ -20,6 +20,7 @@ from models.decoder import CausalLM
 from models.kv_cache import PagedKVCache, blocks_for
 from models.sampling import nonfinite_rows
 from models.tokenizer import TextTokenizer
+from service.engine import logits_processing
 from service.engine.block_manager import BlockManager
 from service.engine.compiled_decode import CompiledDecode
 from service.engine.ngram import NgramDecoder
@@ -182,8 +183,10 @@ class ModelWorker:
                 logits = torch.stack([output.logits[id(s)] for s in seqs])  # (S, V)
                 broken = nonfinite_rows(logits).tolist()  # (S,)
                 seqs, logits = self._fail_nonfinite(seqs, logits, broken)
-                next_ids = sample(logits, [s.request.params for s in seqs], [s.generator for s in seqs])
-                for seq, token in zip(seqs, next_ids):
+                chosen_from = logits_processing.process(seqs, logits)  # (S, V)
+                next_ids = sample(chosen_from, [s.request.params for s in seqs], [s.generator for s in seqs])
+                for i, (seq, token) in enumerate(zip(seqs, next_ids)):
+                    logits_processing.observe(seq, token, logits[i])
                     self._append(seq, token)
         if spec_rows:
             counts = self._speculative_step(spec_rows, stats)
@@ -206,6 +209,8 @@ class ModelWorker:
     def _speculates(self, row: ScheduledRow) -> bool:
         """Decode rows of a model with a draft, while k drafts still fit the sequence's context and blocks."""
         if self.speculative is None or not row.needs_sample or len(row.tokens) != 1:
+            return False
+        if logits_processing.needs_processing(row.sequence):
             return False
         needed = row.context_len + self.speculative.config.num_draft_tokens + 1
         return needed <= self.served.max_model_len and needed <= len(row.sequence.table.blocks) * self.cache.block_size
