@@ -132,7 +132,9 @@ class MultiLoRALinear(nn.Module):
         have_rank = 0 if self.a_stack is None else self.a_stack.shape[1]
         if slots <= have_slots and rank <= have_rank:
             return
-        new_slots, new_rank = max(slots, 2 * have_slots), max(rank, have_rank)
+        # At least 2 slots and rank 2 (zero-padded ranks are exact): a compiled decode step takes the stacks'
+        # sizes as dynamic dimensions, which sizes 0 and 1 would specialise.
+        new_slots, new_rank = max(slots, 2 * have_slots, 2), max(rank, have_rank, 2)
         a = like.new_zeros(new_slots, new_rank, self.in_features)
         b = like.new_zeros(new_slots, self.out_features, new_rank)
         if self.a_stack is not None:

@@ -282,7 +282,10 @@ class AdapterRegistry:
         """Hold the lock for one forward with these rows' adapters (sorted by name by the runner)."""
         del tokens_per_row  # layers see the (B, T, ...) layout and segment by row
         with self.lock:
-            with self._state:
-                slots = [self.resident[a].slot if a is not None and a in self.resident else -1 for a in row_adapters]
-            with self.context.activate(slots, self.device):
+            with self.context.activate(self.slots_for(row_adapters), self.device):
                 yield
+
+    def slots_for(self, row_adapters: list[str | None]) -> list[int]:
+        """Each row's adapter slot in the layers' stacks (-1: base, or an adapter no longer resident)."""
+        with self._state:
+            return [self.resident[a].slot if a is not None and a in self.resident else -1 for a in row_adapters]

@@ -50,6 +50,7 @@ from bench.serving import (
     TINY_DENSE,
     TINY_MOE,
     EngineHarness,
+    LLAMA_512x8,
     ModelSource,
     RunResult,
     interleaved,
@@ -65,6 +66,8 @@ from models import AttentionMetadata, CausalLM, KVCache
 from service.engine import SchedulerConfig
 
 NAME = "decode"
+# Issue 14's batch-1 targets per model (the others: DecodeBenchConfig.target_speedup).
+TARGET_SPEEDUPS = {"student": 2.0, "teacher": 1.6, "llama_512x8": 1.3, "llama_512x8_bf16": 2.0}
 DENSE_EQUIVALENT = "dense_equal_total_params"
 log = logging.getLogger(__name__)
 
@@ -77,7 +80,7 @@ class DecodeBenchConfig:
     reps: int = 7
     cost_block: int = 10  # consecutive calls per timed block of each per-token cost (diagnosis)
     cost_reps: int = 15  # timed blocks
-    target_speedup: float = 2.0
+    target_speedup: float = 2.0  # models without their own target in TARGET_SPEEDUPS
     tiny: bool = False
     seed: int = 0
 
@@ -101,9 +104,9 @@ def per_token_costs(model: CausalLM, peer: Any, config: DecodeBenchConfig) -> di
     """Median ms, timed interleaved: the matrix-vector floor, our model's and transformers' decode forward."""
     context = config.prompt_len + config.max_tokens // 2
     weights = matvec_weights(model)
-    inputs = {w.shape[1]: torch.randn(1, 1, w.shape[1]) for w in weights}  # (B=1, T=1, in)
+    inputs = {w.shape[1]: torch.randn(1, 1, w.shape[1], dtype=w.dtype) for w in weights}  # (B=1, T=1, in)
     token = torch.tensor([[3]])  # (B=1, T=1)
-    cache = KVCache(model.config, 1, context + 1)
+    cache = KVCache(model.config, 1, context + 1, dtype=model.dtype)
     with torch.inference_mode():
         prefix = torch.randint(3, model.config.vocab_size, (1, context), generator=torch.Generator().manual_seed(0))
         peer_cache = peer(prefix, use_cache=True).past_key_values
@@ -147,6 +150,9 @@ def sources(config: DecodeBenchConfig, workdir: Path) -> list[ModelSource]:
         dense = [found for found in (zoo_model("student"), zoo_model("teacher")) if found is not None]
         dense = dense or [random_model("dense", DENSE, workdir, config.seed)]
         moe = zoo_model("moe") or random_model("moe", MOE, workdir, config.seed)
+        llama = random_model("llama_512x8", LLAMA_512x8, workdir, config.seed)
+        # The same weights served in bfloat16 (transformers stays float32, as a user runs it).
+        dense += [llama, ModelSource("llama_512x8_bf16", llama.directory, "random", dtype="bfloat16")]
     return [*dense, moe, dense_equivalent(moe, workdir, config.seed + 1)]
 
 
@@ -289,9 +295,11 @@ def run(tiny: bool, out_dir: Path) -> dict[str, Path]:
     by_model = {r["model"]: r for r in rows}
     moe, dense = by_model["moe"], by_model[DENSE_EQUIVALENT]
     verdict = {
-        "decode_speedup_at_least": config.target_speedup,
+        "decode_speedup_at_least": {r["model"]: TARGET_SPEEDUPS.get(r["model"], config.target_speedup) for r in rows},
         "decode_speedup": {r["model"]: r["decode_speedup"] for r in rows},
-        "met": {r["model"]: r["decode_speedup"] >= config.target_speedup for r in rows},
+        "met": {
+            r["model"]: r["decode_speedup"] >= TARGET_SPEEDUPS.get(r["model"], config.target_speedup) for r in rows
+        },
         "moe_vs_dense_decode_ratio_engine": moe["engine_decode_tok_s"] / dense["engine_decode_tok_s"],
         "moe_vs_dense_decode_ratio_hf": moe["hf_decode_tok_s"] / dense["hf_decode_tok_s"],
     }

@@ -79,6 +79,7 @@ class ModelShape:
 
 
 DENSE = ModelShape()  # the brief's fallback: llama, hidden 256, 4 layers, 8 heads, vocab 4096
+LLAMA_512x8 = ModelShape(512, 1376, 8, 8)  # issue 14's held-out Llama: 118 MB in float32
 MOE = ModelShape(128, 256, 2, 4, num_experts=8)  # the demo preset's MoE shape: 8 experts of 256, top-2
 TINY_DENSE = ModelShape(32, 64, 2, 2, vocab_size=512, max_positions=256)
 TINY_MOE = ModelShape(32, 32, 2, 2, vocab_size=512, num_experts=4, max_positions=256)
@@ -89,6 +90,7 @@ class ModelSource:
     name: str
     directory: Path
     origin: str  # "zoo" (artifacts/, trained) or "random"
+    dtype: str | None = None  # the engine's weights (None: the checkpoint's); peers always load float32
     config: ModelConfig = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:  # read now: a random model's directory is deleted after the run
@@ -140,7 +142,7 @@ def served(
 ) -> ServedModel:
     """Load the directory into a ServedModel named `name` (default: the source's); with `adapters`, LoRA
     layers are attached and an empty adapter registry comes with it."""
-    model = load_model(source.directory)
+    model = load_model(source.directory, dtype=source.dtype)
     name = name or source.name
     registry = AdapterRegistry(name, model, adapters) if adapters is not None else None
     eos = tuple(model.config.eos_token_ids)

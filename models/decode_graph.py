@@ -13,11 +13,20 @@ each, but with no data-dependent shape, no `.item()` and no Python branching on 
 - MoE layers compute their top-k experts for every token from expert weights stacked (E, ...) the
   same way: gathered per routed token (few tokens) or all experts masked by the routing (many tokens).
 
+LoRA adapters (S-LoRA/Punica style, many per batch): when the model's projections are wrapped for
+adapters (adapters/multi_lora.py: stacks A (slots, r, in), B (slots, out, r)), `lora_stacks()` lists
+their current stacks and the forward takes them with a slot per row (-1: base). Each projection adds
+sum_r (x . A[slot]) B[slot] written as products and sums, so the compiler reads each row's adapter
+rows in place (no per-row weight copies); a slot beyond a stack (an adapter that does not target
+that projection) adds nothing. Stack sizes are dynamic dimensions: loading adapters does not recompile.
+
 Padding rows (a batch padded to its size bucket) point at the scratch block and are ignored.
-Adapters (LoRA rows), quantized weights and prompts are left to the eager forward (`supports`).
+Quantized weights and prompts are left to the eager forward (`supports`).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +38,31 @@ from models.layers import apply_rotary
 # Routed (token, expert) pairs up to which a MoE layer gathers each pair's expert weights; beyond,
 # every expert runs on every token and the routing masks the results (no weight copies).
 MOE_GATHER_MAX_PAIRS = 16
+
+
+ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoRABatch:
+    """The adapters of one decode batch: stacks in `DecodeGraph.lora_targets` order (None: no adapter
+    targets that projection) and each row's slot (B,), -1 for base rows."""
+
+    a: list[Tensor | None]  # (slots, r, in) each
+    b: list[Tensor | None]  # (slots, out, r) each, scaling folded in
+    slots: Tensor  # (B,) long
+
+
+def lora_delta(x: Tensor, a: Tensor | None, b: Tensor | None, slots: Tensor) -> Tensor | None:
+    """x (B, in) -> (B, out): each row's B[slot] @ A[slot] @ x; rows whose slot the stack lacks add 0."""
+    if a is None:
+        return None
+    present = (slots >= 0) & (slots < a.shape[0])  # (B,)
+    index = torch.where(present, slots, torch.zeros_like(slots))
+    shrunk = (x[:, None, :] * a[index]).sum(-1)  # (B, r)
+    expanded = (shrunk[:, None, :] * b[index]).sum(-1)  # (B, out)
+    return expanded * present[:, None].to(expanded.dtype)
 
 
 def _plain_linear(module: nn.Module) -> nn.Linear | None:
@@ -64,6 +98,16 @@ class DecodeGraph(nn.Module):
         self.qkv: list[tuple[Tensor, Tensor | None]] = []
         self.gate_up: list[Tensor] = []
         self.experts: list[tuple[Tensor, Tensor, Tensor]] = []  # per MoE layer: w1, w3 (E, I, H), w2 (E, H, I)
+        # LoRA-wrapped projections (they hold `a_stack`/`b_stack`), per layer in ATTENTION_TARGETS +
+        # MLP_TARGETS order, then the LM head; None where a projection is not wrapped.
+        self.lora_targets: list[nn.Module | None] = []
+        for layer in model.model.layers:
+            mlp = getattr(layer, "mlp", None)
+            for name in ATTENTION_TARGETS + MLP_TARGETS:
+                owner = layer.self_attn if name in ATTENTION_TARGETS else mlp
+                module = getattr(owner, name, None) if owner is not None else None
+                self.lora_targets.append(module if hasattr(module, "a_stack") else None)
+        self.lora_targets.append(model.lm_head if hasattr(model.lm_head, "a_stack") else None)
         for layer in model.model.layers:
             attn = layer.self_attn
             self.qkv.append(_fuse([_plain_linear(getattr(attn, n)) for n in ("q_proj", "k_proj", "v_proj")]))
@@ -80,6 +124,16 @@ class DecodeGraph(nn.Module):
         for i, lin in enumerate(linears):
             lin.weight = nn.Parameter(stacked[i], requires_grad=False)
         return stacked
+
+    @property
+    def has_lora(self) -> bool:
+        return any(target is not None for target in self.lora_targets)
+
+    def lora_stacks(self) -> tuple[list[Tensor | None], list[Tensor | None]]:
+        """The wrapped projections' current A and B stacks (None where none is allocated yet)."""
+        a = [getattr(t, "a_stack", None) for t in self.lora_targets]
+        b = [getattr(t, "b_stack", None) for t in self.lora_targets]
+        return a, b
 
     @staticmethod
     def supports(model: CausalLM) -> bool:
@@ -106,10 +160,11 @@ class DecodeGraph(nn.Module):
         row_valid: Tensor,
         k_cache: list[Tensor],
         v_cache: list[Tensor],
+        lora: LoRABatch | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """tokens, positions, write_slots (B,) long; block_tables (B, NB) long; row_valid (B,) float 1/0;
-        k_cache, v_cache per layer (blocks, block_size, KVH, D). Returns logits (B, V) and, for MoE,
-        (layers, E) tokens routed to each expert (valid rows only)."""
+        k_cache, v_cache per layer (blocks, block_size, KVH, D); lora: the batch's adapters or None.
+        Returns logits (B, V) and, for MoE, (layers, E) tokens routed to each expert (valid rows only)."""
         config = self.config
         b, nb = block_tables.shape
         block_size = k_cache[0].shape[1]
@@ -122,30 +177,31 @@ class DecodeGraph(nn.Module):
             allowed &= key_pos[None, :] > positions[:, None] - config.sliding_window
         counts: list[Tensor] = []
         moe_index = 0
+        per_layer = len(ATTENTION_TARGETS) + len(MLP_TARGETS)
         for i, layer in enumerate(self.model.model.layers):
-            x = x + self._attention(
-                layer.self_attn,
-                i,
-                layer.input_layernorm(x),
-                cos,
-                sin,
-                allowed,
-                block_tables,
-                write_slots,
-                k_cache[i],
-                v_cache[i],
-            )
+            adapters = self._adapters(lora, i * per_layer, per_layer)
+            h = layer.input_layernorm(x)
+            attention_inputs = (cos, sin, allowed, block_tables, write_slots, k_cache[i], v_cache[i])
+            x = x + self._attention(layer.self_attn, i, h, *attention_inputs, adapters[: len(ATTENTION_TARGETS)])
             h = layer.post_attention_layernorm(x)
             if hasattr(layer, "mlp"):
-                gate, up = F.linear(h, self.gate_up[i]).chunk(2, dim=-1)  # (B, 1, I) each
-                x = x + layer.mlp.down_proj(F.silu(gate) * up)
+                gate_adapter, up_adapter, down_adapter = adapters[len(ATTENTION_TARGETS) :]
+                gate_up = F.linear(h[:, 0], self.gate_up[i])  # (B, 2I)
+                width = gate_up.shape[-1] // 2
+                gate_up = _add_deltas(gate_up, [gate_adapter(h[:, 0]), up_adapter(h[:, 0])], [width, width])
+                gate, up = gate_up.chunk(2, dim=-1)  # (B, I) each
+                inner = F.silu(gate) * up
+                down = _plain_linear(layer.mlp.down_proj)(inner)  # (B, H)
+                x = x + _add_deltas(down, [down_adapter(inner)])[:, None]
             else:
                 out, layer_counts = self._moe(layer.block_sparse_moe, self.experts[moe_index], h[:, 0], row_valid)
                 moe_index += 1
                 x = x + out[:, None]
                 counts.append(layer_counts)
         x = self.model.model.norm(x)[:, 0]  # (B, H)
-        logits = self.model.lm_head(x)  # (B, V)
+        logits = _plain_linear(self.model.lm_head)(x)  # (B, V)
+        (head_adapter,) = self._adapters(lora, len(self.lora_targets) - 1, 1)
+        logits = _add_deltas(logits, [head_adapter(x)])
         if config.logits_scale != 1.0:
             logits = logits * config.logits_scale
         return logits, torch.stack(counts) if counts else None
@@ -162,12 +218,16 @@ class DecodeGraph(nn.Module):
         write_slots: Tensor,
         k_cache: Tensor,
         v_cache: Tensor,
+        adapters: list,
     ) -> Tensor:
         b = h.shape[0]
         heads, kv_heads, head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
         weight, bias = self.qkv[layer_index]
         qkv = F.linear(h, weight, bias)[:, 0]  # (B, (H + 2 KVH) * D)
+        q_adapter, k_adapter, v_adapter, o_adapter = adapters
         q_size, kv_size = heads * head_dim, kv_heads * head_dim
+        deltas = [q_adapter(h[:, 0]), k_adapter(h[:, 0]), v_adapter(h[:, 0])]
+        qkv = _add_deltas(qkv, deltas, [q_size, kv_size, kv_size])
         q = qkv[:, :q_size].view(b, heads, 1, head_dim)
         k = qkv[:, q_size : q_size + kv_size].view(b, kv_heads, 1, head_dim)
         v = qkv[:, q_size + kv_size :].view(b, kv_heads, head_dim)
@@ -185,7 +245,16 @@ class DecodeGraph(nn.Module):
         scores = scores.float().masked_fill(~allowed[:, :, None, None], float("-inf"))
         probs = torch.softmax(scores, dim=1).to(values.dtype)  # over L
         out = (probs[..., None] * values[:, :, :, None, :]).sum(1)  # (B, KVH, G, D)
-        return attn.o_proj(out.reshape(b, 1, q_size))
+        out = out.reshape(b, q_size)
+        return _add_deltas(_plain_linear(attn.o_proj)(out), [o_adapter(out)])[:, None]  # (B, 1, H)
+
+    def _adapters(self, lora: LoRABatch | None, start: int, count: int) -> list:
+        """For targets start..start+count: a function x -> LoRA delta (or None) of the batch's adapters."""
+        if lora is None:
+            return [_no_delta] * count
+        return [
+            (lambda x, a=lora.a[i], b=lora.b[i]: lora_delta(x, a, b, lora.slots)) for i in range(start, start + count)
+        ]
 
     def _moe(
         self, block: nn.Module, experts: tuple[Tensor, Tensor, Tensor], h: Tensor, row_valid: Tensor
@@ -211,3 +280,18 @@ class DecodeGraph(nn.Module):
         up = torch.einsum("bh,eih->ebi", h, w3)
         out = torch.einsum("ebi,ehi->ebh", F.silu(gate) * up, w2)  # (E, B, H)
         return torch.einsum("ebh,be->bh", out, combine), counts
+
+
+def _no_delta(x: Tensor) -> None:
+    return None
+
+
+def _add_deltas(y: Tensor, deltas: list[Tensor | None], widths: list[int] | None = None) -> Tensor:
+    """y (B, sum of widths) plus the deltas side by side along the last dimension (widths: each delta's
+    part of y, needed when several); a None delta adds nothing."""
+    if all(d is None for d in deltas):
+        return y
+    if len(deltas) == 1:
+        return y + deltas[0]
+    parts = [d if d is not None else y.new_zeros(y.shape[0], w) for d, w in zip(deltas, widths, strict=True)]
+    return y + torch.cat(parts, dim=-1)

@@ -1,16 +1,20 @@
 """The compiled decode step of one served model: `models.decode_graph.DecodeGraph` under `torch.compile`.
 
 Batches are padded to a size bucket (powers of two up to the engine's batch size, and the batch size
-itself), so each bucket is one static graph; the number of KV blocks a step reads is a dynamic
-dimension of that graph (at least 2, so sizes 0/1 are never specialised), so one graph per bucket
-serves every context length. `warm_up` compiles every bucket before the server reports ready,
-logging its progress; Inductor's on-disk caches (FX graph and AOT caches, under the directory
-`Settings.compile_cache_dir` names) make a restart reuse the compiled code.
+itself), so each bucket is one static graph; the number of KV blocks a step reads, and the sizes of
+the LoRA stacks (adapter slots, rank), are dynamic dimensions of that graph, so one graph per bucket
+serves every context length and every set of resident adapters. A model served with adapters gets a
+second graph per bucket for batches that hold adapter rows (base-only batches skip the LoRA work).
+`warm_up` compiles every bucket before the server reports ready, logging its progress; Inductor's
+on-disk caches (FX graph and AOT caches, under `Settings.compile_cache_dir`) make a restart reuse
+the compiled code.
 
-After warm-up, calls skip Dynamo's guard evaluation (`skip_guard_eval_unsafe`: only the guards that
-tell the cached graphs apart run), which is safe here because every call's inputs have the dtypes,
-devices and ranks of the warm-up's and only the bucketed sizes differ; that is most of the per-call
-cost of a compiled function on a CPU.
+Calls skip Dynamo's guard evaluation (`skip_guard_eval_unsafe`: only the guards that tell the cached
+graphs apart run) once the call's structure is compiled: the bucket, and which projections have LoRA
+stacks (an adapter targeting a projection no resident adapter targeted before changes it, and that
+call then runs with full guards and compiles its graph; it is logged). Everything else a call
+changes (block-table width, stack sizes, values) is dynamic or data, so the skipped guards could not
+fail; skipping them is most of the per-call cost of a compiled function on a CPU.
 """
 
 from __future__ import annotations
@@ -22,12 +26,16 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from models.decode_graph import DecodeGraph
+from adapters.registry import AdapterRegistry
+from models.decode_graph import DecodeGraph, LoRABatch
 from models.decoder import CausalLM
 from models.kv_cache import PagedKVCache
 
 log = logging.getLogger(__name__)
 
+# Every served model's graphs are entries of one code object (DecodeGraph.forward): bucket x variant x model.
+# Dynamo's default limit (8 entries) would silently send the rest to eager.
+RECOMPILE_LIMIT = 1024
 MIN_TABLE_BLOCKS = 2  # block-table width never below this (keeps the dimension dynamic, not specialised)
 # Widest block table the graph takes (the compiler bounds the dynamic width at 256); wider rows run eager.
 MAX_TABLE_BLOCKS = 256
@@ -43,14 +51,22 @@ def batch_buckets(max_batch_size: int) -> list[int]:
 
 
 class CompiledDecode:
-    """Runs decode rows (no adapters) through the compiled graph of their batch-size bucket."""
+    """Runs decode rows through the compiled graph of their batch-size bucket."""
 
-    def __init__(self, model: CausalLM, cache: PagedKVCache, max_batch_size: int) -> None:
+    def __init__(
+        self, model: CausalLM, cache: PagedKVCache, max_batch_size: int, registry: AdapterRegistry | None = None
+    ) -> None:
         self.graph = DecodeGraph(model)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+        torch._dynamo.config.accumulated_recompile_limit = max(
+            torch._dynamo.config.accumulated_recompile_limit, RECOMPILE_LIMIT
+        )
         self.compiled = torch.compile(self.graph, dynamic=False, fullgraph=True)
         self.cache = cache
+        self.registry = registry if self.graph.has_lora else None
         self.device = model.device
         self.buckets = batch_buckets(max_batch_size)
+        self.compiled_structures: set[tuple] = set()  # (bucket, LoRA stacks present or None) compiled so far
         self.warm = False
 
     @staticmethod
@@ -60,36 +76,53 @@ class CompiledDecode:
     def bucket(self, batch: int) -> int | None:
         return next((size for size in self.buckets if size >= batch), None)
 
-    def accepts(self, batch: int, block_tables: list[list[int]]) -> bool:
+    def accepts(self, batch: int, block_tables: list[list[int]], adapters: list[str | None] | None) -> bool:
+        if adapters and any(adapters) and self.registry is None:
+            return False
         return self.bucket(batch) is not None and max(len(t) for t in block_tables) <= MAX_TABLE_BLOCKS
 
     @torch.inference_mode()
     def warm_up(self, progress: Callable[[str], None] = log.info) -> float:
-        """Compile every bucket (a step of padding rows only: it writes the scratch block). Returns seconds."""
+        """Compile every bucket (steps of padding rows only: they write the scratch block), with and without
+        the resident adapters' stacks when the model serves adapters. Returns seconds."""
         started = time.perf_counter()
+        has_stacks = any(stack is not None for stack in self.graph.lora_stacks()[0])
+        variants = [None] + (["lora"] if self.registry is not None and has_stacks else [])
         for i, size in enumerate(self.buckets):
-            self._call([0] * size, [[]] * size, [0] * size, size, valid=0)
-            progress(
-                f"compiled decode: bucket {i + 1}/{len(self.buckets)} (batch {size}) "
-                f"after {time.perf_counter() - started:.1f} s"
-            )
+            for variant in variants:
+                rows = [None] * size if variant is None else ["\0warm-up"] * size  # not resident: slot -1
+                self._call([0] * size, [[]] * size, [0] * size, rows, real=size, valid=0)
+            both = ", with and without adapters" if len(variants) > 1 else ""
+            elapsed = time.perf_counter() - started
+            progress(f"compiled decode: bucket {i + 1}/{len(self.buckets)} (batch {size}{both}) after {elapsed:.1f} s")
         self.warm = True
         return time.perf_counter() - started
 
     @torch.inference_mode()
     def run(
-        self, tokens: list[int], block_tables: list[list[int]], context_lens: list[int]
+        self,
+        tokens: list[int],
+        block_tables: list[list[int]],
+        context_lens: list[int],
+        adapters: list[str | None] | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """One decode token per row: logits (B, V) and the MoE expert counts (layers, E) or None."""
         size = self.bucket(len(tokens))
         pad = size - len(tokens)
+        rows = (adapters or [None] * len(tokens)) + [None] * pad
         logits, counts = self._call(
-            tokens + [0] * pad, block_tables + [[]] * pad, context_lens + [0] * pad, len(tokens)
+            tokens + [0] * pad, block_tables + [[]] * pad, context_lens + [0] * pad, rows, real=len(tokens)
         )
         return logits[: len(tokens)], counts
 
     def _call(
-        self, tokens: list[int], block_tables: list[list[int]], context_lens: list[int], real: int, valid: int = 1
+        self,
+        tokens: list[int],
+        block_tables: list[list[int]],
+        context_lens: list[int],
+        adapters: list[str | None],
+        real: int,
+        valid: int = 1,
     ) -> tuple[Tensor, Tensor | None]:
         cache = self.cache
         size, scratch, block_size = len(tokens), cache.scratch_block, cache.block_size
@@ -103,7 +136,6 @@ class CompiledDecode:
         ]
         device = self.device
         table_tensor = torch.tensor(tables, device=device)  # (B, NB)
-        torch._dynamo.mark_dynamic(table_tensor, 1, min=MIN_TABLE_BLOCKS, max=MAX_TABLE_BLOCKS)
         args = (
             torch.tensor(tokens, device=device),
             torch.tensor(context_lens, device=device),
@@ -113,7 +145,27 @@ class CompiledDecode:
             cache.k,
             cache.v,
         )
-        if not self.warm:
-            return self.compiled(*args)
-        with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-            return self.compiled(*args)
+        if self.registry is None or not any(adapters):
+            return self._guarded((size, None), args, None, table_tensor)
+        with self.registry.lock:  # the stacks are not written (adapter loads) during the forward
+            a, b = self.graph.lora_stacks()
+            lora = LoRABatch(a, b, torch.tensor(self.registry.slots_for(adapters), device=device))
+            present = tuple(stack is not None for stack in a)
+            return self._guarded((size, present), args, lora, table_tensor)
+
+    def _guarded(self, structure: tuple, args: tuple, lora: LoRABatch | None, table: Tensor):
+        """Call the compiled graph; guards are skipped once this structure has been compiled."""
+        if structure in self.compiled_structures:
+            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+                return self.compiled(*args, lora)
+        if self.warm:
+            log.info("compiled decode: compiling a new structure %s while serving", structure)
+        torch._dynamo.mark_dynamic(table, 1, min=MIN_TABLE_BLOCKS, max=MAX_TABLE_BLOCKS)
+        if lora is not None:  # adapter slots and rank (at least 2 each, see adapters/multi_lora.py)
+            for stacks, rank_dim in ((lora.a, 1), (lora.b, 2)):  # A (slots, r, in), B (slots, out, r)
+                for stack in (s for s in stacks if s is not None):
+                    torch._dynamo.maybe_mark_dynamic(stack, 0)
+                    torch._dynamo.maybe_mark_dynamic(stack, rank_dim)
+        result = self.compiled(*args, lora)
+        self.compiled_structures.add(structure)
+        return result

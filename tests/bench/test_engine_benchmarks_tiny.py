@@ -1,4 +1,4 @@
-"""The engine benchmarks (multi_lora, batching, decode) run once at tiny size and write complete reports.
+"""The engine benchmarks (multi_lora, batching, decode, throughput) run once at tiny size and write complete reports.
 
 No timing is asserted (DESIGN.md, Benchmarks): only that each report exists with its fields and
 targets, and that the correctness checks the benchmarks make on the way found nothing wrong.
@@ -14,7 +14,7 @@ import pytest
 from bench.run import BENCHMARKS
 from modelserve.cli import main
 
-NAMES = ("multi_lora", "batching", "decode")
+NAMES = ("multi_lora", "batching", "decode", "throughput")
 SPLIT_FIELDS = {"decode_step_ms", "decode_forward_ms", "decode_other_ms"}
 MULTI_LORA_FIELDS = {"block", "setup", "requests", "distinct_adapters", "tokens", "median_s", "tokens_per_s", "vs_base"}
 BATCHING_FIELDS = {"mode", "concurrency", "requests", "tokens", "median_s", "tokens_per_s", "vs_sequential"}
@@ -105,3 +105,15 @@ def test_decode_report(reports: Path) -> None:
     target = payload["meta"]["target"]
     assert {"decode_speedup", "met", "moe_vs_dense_decode_ratio_engine"} <= set(target)
     assert "| model |" in (reports / "decode.md").read_text()
+
+
+def test_throughput_report(reports: Path) -> None:
+    payload = load(reports, "throughput")
+    rows = {row["variant"]: row for row in payload["rows"]}
+    assert set(rows) == {"static", "http", "compiled", "eager"}
+    for row in rows.values():
+        assert row["tokens_per_s"] > 0
+        assert row["identical_to_transformers"] == 4  # every side's greedy output equals the static batch's
+    assert {"http_vs_static_batch", "met_vs_static", "http_vs_inprocess", "met_http_vs_inprocess"} <= set(
+        payload["meta"]["target"]
+    )

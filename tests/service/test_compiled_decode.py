@@ -20,7 +20,7 @@ from models.attention import AttentionMetadata
 from models.decode_graph import MOE_GATHER_MAX_PAIRS, DecodeGraph
 from models.kv_cache import PagedKVCache
 from service.engine import SchedulerConfig
-from service.engine.compiled_decode import CompiledDecode, batch_buckets
+from service.engine.compiled_decode import RECOMPILE_LIMIT, CompiledDecode, batch_buckets
 from tests.adapters.test_multi_lora import setup  # noqa: F401  (fixture)
 from tests.models.hf_fixtures import VOCAB, save_hf_model
 from tests.service.test_paged_kv import expected, make_engine, run, tokens
@@ -140,8 +140,41 @@ def test_engine_with_compiled_decode_equals_peft_for_base_and_adapter_rows(setup
         events = run(engine, plan)
         for i, (adapter, prompt) in enumerate(plan):
             assert tokens(events[f"r{i}"]) == expected(peft_models, adapter, prompt), f"request {i} on {adapter}"
-        assert calls and max(calls) >= 2, "no decode step of base rows ran compiled"
+        assert calls and max(calls) >= 2, "no decode step ran compiled"
+        assert any(present for _, present in compiled.compiled_structures), "adapter rows did not run compiled"
         worker.blocks.check()
+    finally:
+        engine.stop()
+
+
+def test_adapters_loaded_after_warm_up_run_compiled_and_exact(setup):  # noqa: F811
+    """More slots and a larger rank (dynamic sizes: no new graph), then an adapter on the LM head (a
+    projection no resident adapter had: its graph compiles while serving)."""
+    root, peft_models = setup
+    engine, registry = make_engine(root, adapters=("a1",), compile_decode=True, max_batch_size=4)
+    try:
+        compiled = engine.workers["base"].runner.compiled_decode
+        before = set(compiled.compiled_structures)
+        for name in ("a2", "a3", "a4"):  # ranks 8, 2, 16: the stacks grow
+            registry.load(name, root / name)
+        gen = torch.Generator().manual_seed(13)
+        plan = [
+            (a, torch.randint(3, VOCAB, (n,), generator=gen).tolist()) for a, n in [("a4", 6), ("a3", 11), (None, 4)]
+        ]
+        events = run(engine, plan, prefix="grown")
+        for i, (adapter, prompt) in enumerate(plan):
+            assert tokens(events[f"grown{i}"]) == expected(peft_models, adapter, prompt), f"request {i} on {adapter}"
+        assert compiled.compiled_structures == before, "growing the stacks compiled a new graph"
+        registry.load("head", root / "head")  # targets lm_head: a new structure
+        plan = [("head", plan[0][1]), ("a1", plan[1][1])]
+        events = run(engine, plan, prefix="head")
+        for i, (adapter, prompt) in enumerate(plan):
+            assert tokens(events[f"head{i}"]) == expected(peft_models, adapter, prompt), f"request {i} on {adapter}"
+        assert len(compiled.compiled_structures) > len(before)
+        # Each compiled structure is a graph of its own (none fell back to eager at Dynamo's entry limit).
+        entries = torch._dynamo.eval_frame._debug_get_cache_entry_list(DecodeGraph.forward.__code__)
+        assert len(entries) >= len(compiled.compiled_structures)
+        assert torch._dynamo.config.recompile_limit >= RECOMPILE_LIMIT
     finally:
         engine.stop()
 
