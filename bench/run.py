@@ -34,6 +34,8 @@ BENCHMARKS: dict[str, str] = {
     "ray_scale": "bench.ray_scale",
     "soak": "bench.soak",
     "prefix_cache": "bench.prefix_cache",
+    "throughput": "bench.throughput",
+    "structured_output": "bench.structured_output",
     "exp_mup": "bench.experiments.mup",
     "exp_sam": "bench.experiments.sam",
     "exp_residual": "bench.experiments.residual",

@@ -1,4 +1,4 @@
-"""The one sampling module: greedy, temperature, top-k, top-p, seeded draws, and non-finite detection.
+"""The one sampling module: greedy, temperature, top-k, top-p, min-p, seeded draws, and non-finite detection.
 
 Used by `models.generate`, the serving engine's sampler and speculative decoding, so every path
 draws tokens the same way. Robust for every value the HTTP schema accepts (TGI and vLLM do the same):
@@ -7,7 +7,9 @@ draws tokens the same way. Robust for every value the HTTP schema accepts (TGI a
 - logits are shifted by their row maximum before the temperature divides them, in float32, so a
   small temperature sends the others to -inf (probability 0) and never makes inf - inf = NaN;
 - top-p always keeps the most likely token (a top_p that underflows to 0 in float32 is top-1);
-- top-k keeps at least one token.
+- top-k keeps at least one token;
+- min-p (vLLM's) drops tokens whose probability is below min_p x the best token's: after the shift the
+  best token's scaled logit is 0, so the rule is `scaled < log(min_p)`, and the best token always stays.
 
 A row whose logits hold NaN or +inf, or are all -inf, has no distribution: `nonfinite_rows` finds
 such rows before sampling so the caller can fail that request alone. `probabilities` of a valid row
@@ -15,6 +17,8 @@ always sums to 1 with no NaN, so `torch.multinomial` cannot raise.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -52,7 +56,7 @@ def filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
     return logits
 
 
-def probabilities(logits: Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+def probabilities(logits: Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> Tensor:
     """The sampling distribution of finite logits (..., V), in float32; rows sum to 1.
 
     temperature must be >= GREEDY_TEMPERATURE (greedy rows take the argmax instead)."""
@@ -61,6 +65,8 @@ def probabilities(logits: Tensor, temperature: float, top_k: int = 0, top_p: flo
     scaled = shifted / max(temperature, GREEDY_TEMPERATURE)
     if top_k > 0 or top_p < 1.0:
         scaled = filter_logits(scaled, top_k, top_p)
+    if min_p > 0.0:  # probability / best probability = exp(scaled): keep scaled >= log(min_p); 0 stays
+        scaled = scaled.masked_fill(scaled < math.log(min(min_p, 1.0)), float("-inf"))
     return torch.softmax(scaled, dim=-1).reshape(logits.shape)
 
 
@@ -77,6 +83,7 @@ def sample_tokens(
     top_ks: list[int],
     top_ps: list[float],
     generators: list[torch.Generator | None],
+    min_ps: list[float] | None = None,
 ) -> list[int]:
     """logits (B, V) of finite rows -> one token id per row, each row with its own settings and stream.
 
@@ -85,6 +92,7 @@ def sample_tokens(
     for i, temperature in enumerate(temperatures):
         if is_greedy(temperature, top_ks[i]):
             continue
-        probs = probabilities(logits[i], temperature, top_ks[i], top_ps[i])  # (V,)
+        min_p = min_ps[i] if min_ps is not None else 0.0
+        probs = probabilities(logits[i], temperature, top_ks[i], top_ps[i], min_p)  # (V,)
         chosen[i] = draw(probs, generators[i])
     return chosen

@@ -97,6 +97,10 @@ class Settings(BaseSettings):
     metrics_top_adapters: int = Field(16, ge=0)  # adapters labelled by name in metrics; the rest are "other"
     # One JSON line per finished request on the `modelserve.requests` logger (service/api/request_log.py).
     request_log_json: bool = False
+    # OpenTelemetry traces of /v1/* requests (service/api/tracing.py), sent to this OTLP/HTTP traces URL
+    # (e.g. http://127.0.0.1:4318/v1/traces); None: off, and nothing of OpenTelemetry's SDK is imported.
+    otel_traces_endpoint: str | None = Field(None, pattern=r"^https?://")
+    otel_service_name: str = "modelserve"  # the spans' resource `service.name`
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     torch_threads: int | None = Field(None, ge=1)  # None: torch's default (all cores)
     gil_switch_interval_s: float = Field(0.001, gt=0)  # sys.setswitchinterval (Python's default: 0.005)

@@ -23,7 +23,7 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
-from service.api import errors, routes_admin, routes_health, routes_openai, routes_page, routes_tokenize
+from service.api import errors, routes_admin, routes_health, routes_openai, routes_page, routes_tokenize, tracing
 from service.api.body_limit import BodyLimitMiddleware
 from service.api.deps import ServiceState
 from service.api.metrics import Metrics
@@ -38,7 +38,8 @@ DOCS_ASSETS = Path(fastapi_offline.__file__).parent / "static"
 def start_engine(state: ServiceState) -> None:
     """Load every model and adapter, start the engine behind its client and mark the service ready (blocking)."""
     try:
-        client = build_client(state.settings, state.metrics, on_step=state.metrics.on_step)
+        observer = tracing.observer(state.metrics, state.settings)  # the metrics, wrapped when tracing is on
+        client = build_client(state.settings, observer, on_step=state.metrics.on_step)
         for info in client.models():
             registry = client.catalog.registries.get(info.name)
             state.metrics.add_model(info.name, registry, info.device, info.dtype or "", info.quantization or "")
@@ -118,6 +119,7 @@ def create_app(settings: Settings, load: bool = True) -> FastAPI:
     app.state.service = state
     errors.install(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    tracing.install(app, settings)  # OpenTelemetry spans of /v1/* when otel_traces_endpoint is set
     app.include_router(routes_openai.router)
     app.include_router(routes_tokenize.router)
     app.include_router(routes_admin.router)

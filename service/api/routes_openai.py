@@ -1,29 +1,26 @@
 """OpenAI-compatible routes: `POST /v1/completions`, `POST /v1/chat/completions`, `GET /v1/models`.
 
 Streaming answers are SSE (`data: {json}\\n\\n` ... `data: [DONE]\\n\\n`); chunks are built as plain
-dicts and serialised once (the per-token path stays cheap). A non-streaming request waits for its
-result while watching the connection: a client that goes away cancels generation at once, quietly
-(no traceback: the handler ends with a response nobody reads). The OpenAPI `responses` list every
-status these routes answer, each error with the `ErrorResponse` schema; app.py adds 400 and 413 to
-every operation with a body. `GET /v1/models` shows filesystem paths (`root`) only to admin keys.
+dicts and serialised once (the per-token path stays cheap). Requests of several choices (`n`, a list of
+prompts) are submitted by `generation.start` and waited for or streamed by `choices.py`; a client that
+goes away cancels generation at once, quietly. Logprob shapes are built by `logprobs.py`. The OpenAPI
+`responses` list every status these routes answer, each error with the `ErrorResponse` schema; app.py
+adds 400 and 413 to every operation with a body. `GET /v1/models` shows filesystem paths (`root`) only to admin keys.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
+import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import StreamingResponse
-from starlette.background import BackgroundTask
 
-from service.api import chat
-from service.api.deps import ServiceState, State, UserAuth, has_admin_key
+from service.api import chat, logprobs
+from service.api.choices import close_all, collect, stream, total_usage
+from service.api.deps import State, UserAuth, has_admin_key
 from service.api.errors import APIError
-from service.api.generation import api_error, resolve, start, wait_disconnect
+from service.api.generation import Choice, Controls, api_error, resolve, start
 from service.api.schemas import (
     AssistantMessage,
     ChatChoice,
@@ -39,7 +36,6 @@ from service.api.schemas import (
     Usage,
 )
 from service.engine import EngineError, TokenEvent
-from service.engine.client import RequestHandle
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
 ERRORS = {
@@ -56,8 +52,6 @@ ERRORS = {
         (504, "request_timeout_s passed; generation was cancelled"),
     ]
 }
-CLIENT_CLOSED = 499  # nginx's "client closed request": the status of an answer nobody reads
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 IGNORED_HEADER = "x-modelserve-ignored-fields"  # unknown request fields this server ignored
 log = logging.getLogger(__name__)
 
@@ -101,134 +95,97 @@ def generation_responses(chunk: str) -> dict:
     return {200: ok, **ERRORS}
 
 
-def _sse(payload: dict) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
-
-
-def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": cached_tokens},  # served from the prefix cache
-    }
-
-
-def _failure(gen: RequestHandle, event: TokenEvent, state: ServiceState) -> APIError | None:
-    error = gen.failure(event)
-    return api_error(error, state) if error is not None else None
-
-
-async def _collect(gen: RequestHandle, request: Request, state: ServiceState) -> tuple[str, str, int, int, int]:
-    """(text, finish_reason, prompt_tokens, completion_tokens, cached_tokens); cancels when the client disconnects."""
-    work = asyncio.ensure_future(gen.result())
-    watcher = asyncio.ensure_future(wait_disconnect(request))
-    try:
-        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        gone = not work.done()
-        if gone:  # client gone (or this handler cancelled: then that CancelledError goes on): stop generating
-            work.cancel()
-            gen.close()
-    if gone:  # an answer nobody reads, instead of an exception (and a traceback in the log)
-        raise APIError(CLIENT_CLOSED, "the client closed the connection; generation cancelled")
-    text, event = work.result()
-    error = _failure(gen, event, state)
-    if error is not None:
-        raise error
-    return text, event.finish_reason, event.prompt_tokens, event.completion_tokens, event.cached_tokens
-
-
-def _stream(
-    gen: RequestHandle,
-    state: ServiceState,
-    make_chunk: Callable[[str, str | None], dict],
-    include_usage: bool,
-    first: dict | None,
-    headers: dict[str, str],
-):
-    """SSE response over the generation's events; `make_chunk(text, finish_reason)` builds one chunk."""
-
-    async def body() -> AsyncIterator[str]:
-        try:
-            if first is not None:
-                yield _sse(first)
-            async for event in gen.events():
-                if event.finish_reason is not None:
-                    error = _failure(gen, event, state)
-                    if error is not None:
-                        yield _sse(error.body())
-                        break
-                    chunk = make_chunk(event.text, event.finish_reason)
-                    if include_usage:
-                        chunk["usage"] = None
-                    yield _sse(chunk)
-                    if include_usage:
-                        usage = {
-                            **make_chunk("", None),
-                            "choices": [],
-                            "usage": _usage(event.prompt_tokens, event.completion_tokens, event.cached_tokens),
-                        }
-                        yield _sse(usage)
-                    break
-                if event.text:
-                    chunk = make_chunk(event.text, None)
-                    if include_usage:
-                        chunk["usage"] = None
-                    yield _sse(chunk)
-            yield "data: [DONE]\n\n"
-        finally:
-            gen.close()
-
-    return StreamingResponse(
-        body(), media_type="text/event-stream", headers={**SSE_HEADERS, **headers}, background=BackgroundTask(gen.close)
-    )
+def _prompts(value: str | list) -> list[str | list[int]]:
+    """The request's prompts: a string, token ids, or a list of either."""
+    if isinstance(value, str) or not value or not isinstance(value[0], (str, list)):
+        return [value]
+    return list(value)
 
 
 @router.post("/completions", response_model=CompletionResponse, responses=generation_responses("CompletionResponse"))
 async def completions(body: CompletionRequest, request: Request, response: Response, state: State, _: UserAuth):
-    """Text completion of one prompt (a string, a list of one string, or token ids)."""
+    """Text completion of one or more prompts (strings or token ids), n choices each; see README for echo
+    and logprobs."""
     extra_headers = ignored_headers(body)
     response.headers.update(extra_headers)
 
     client, target = resolve(state, body.model)
-    value = body.prompt
-    if isinstance(value, list) and value and isinstance(value[0], str):
-        value = value[0]  # the schema allows one string per request
+    prompts = _prompts(body.prompt)
+    if body.max_tokens == 0 and not body.echo:
+        raise APIError(400, "max_tokens: 0 is allowed only with echo (scoring the prompt)", param="max_tokens")
     try:
-        if isinstance(value, str):
-            client.check_text(value, "prompt")
-        else:
-            client.check_token_ids(target, value)
+        for prompt in prompts:
+            if isinstance(prompt, str):
+                client.check_text(prompt, "prompt")
+            else:
+                client.check_token_ids(target, prompt)
     except EngineError as exc:
         raise api_error(exc, state) from exc
-    gen = await start(state, body, target, value, state.settings.default_max_tokens)
+    top = body.logprobs
+    controls = Controls(body.max_tokens, state.settings.default_max_tokens, top, body.echo, top if body.echo else None)
+    choices = await start(state, body, target, prompts, controls)
+    texts = functools.partial(client.token_texts, target)
     created = int(time.time())
-    cid = f"cmpl-{gen.id}"
+    cid = f"cmpl-{choices[0].handle.id}"
+
+    def prompt_logprobs(choice: Choice) -> dict:
+        ids = choice.handle.prompt_ids
+        return logprobs.completion_logprobs(ids, choice.prompt_logprobs or [None] * len(ids), texts)
+
     if body.stream:
+        offsets: dict[int, int] = {}
 
-        def chunk(text: str, finish: str | None) -> dict:
-            return {
-                "id": cid,
-                "object": "text_completion",
-                "created": created,
-                "model": body.model,
-                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
-            }
+        def envelope(entries: list[dict]) -> dict:
+            return {"id": cid, "object": "text_completion", "created": created, "model": body.model, "choices": entries}
 
-        include = bool(body.stream_options and body.stream_options.include_usage)
-        return _stream(gen, state, chunk, include, None, extra_headers)
+        def pieces(choice: Choice, event: TokenEvent, opening: bool) -> list[dict]:
+            out = []
+            if opening and body.echo:
+                scored = prompt_logprobs(choice) if top is not None else None
+                out.append(
+                    {"index": choice.index, "text": choice.prompt_text, "logprobs": scored, "finish_reason": None}
+                )
+                offsets[choice.index] = len(choice.prompt_text)
+            if event.text or event.finish_reason is not None or event.logprobs:
+                scored = None
+                if top is not None:
+                    entries = event.logprobs or []
+                    offset = offsets.get(choice.index, 0)
+                    scored = logprobs.completion_logprobs([e.token_id for e in entries], entries, texts, offset)
+                    offsets[choice.index] = offset + sum(len(t) for t in scored["tokens"])
+                out.append(
+                    {
+                        "index": choice.index,
+                        "text": event.text,
+                        "logprobs": scored,
+                        "finish_reason": event.finish_reason,
+                    }
+                )
+            return out
+
+        options = body.stream_options
+        include, continuous = bool(options and options.include_usage), bool(options and options.continuous_usage_stats)
+        return stream(choices, state, envelope, pieces, include, continuous, [], extra_headers)
     try:
-        text, finish, prompt_tokens, completion_tokens, cached = await _collect(gen, request, state)
+        results = await collect(choices, request, state)
     finally:
-        gen.close()
+        close_all(choices)
+    out = []
+    for choice, (text, final) in zip(choices, results):
+        scored = None
+        if top is not None:
+            ids, entries = [], []
+            if body.echo:
+                ids = list(choice.handle.prompt_ids)
+                entries = list(choice.prompt_logprobs or [None] * len(ids))
+            ids += [e.token_id for e in choice.handle.logprobs]
+            entries += choice.handle.logprobs
+            scored = logprobs.completion_logprobs(ids, entries, texts)
+        text = choice.prompt_text + text if body.echo else text
+        out.append(CompletionChoice(index=choice.index, text=text, logprobs=scored, finish_reason=final.finish_reason))
+    finals = {c.index: final for c, (_, final) in zip(choices, results)}
     return CompletionResponse(
-        id=cid,
-        created=created,
-        model=body.model,
-        choices=[CompletionChoice(text=text, finish_reason=finish)],
-        usage=Usage(**_usage(prompt_tokens, completion_tokens, cached)),
+        id=cid, created=created, model=body.model, choices=out, usage=Usage(**total_usage(choices, finals))
     )
 
 
@@ -244,6 +201,8 @@ async def chat_completions(
 
     client, target = resolve(state, body.model)
     info = client.model(target.base)
+    if body.top_logprobs is not None and not body.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     try:
         for i, message in enumerate(body.messages):
             client.check_text(chat.message_text(message, i), f"messages[{i}].content")
@@ -253,37 +212,63 @@ async def chat_completions(
         client.check_text(text, "messages")
     except EngineError as exc:
         raise api_error(exc, state) from exc
-    gen = await start(state, body, target, text, state.settings.default_chat_max_tokens)
+    top = (body.top_logprobs or 0) if body.logprobs else None
+    controls = Controls(body.max_tokens or body.max_completion_tokens, state.settings.default_chat_max_tokens, top)
+    choices = await start(state, body, target, [text], controls)
+    texts = functools.partial(client.token_texts, target)
     created = int(time.time())
-    cid = f"chatcmpl-{gen.id}"
+    cid = f"chatcmpl-{choices[0].handle.id}"
     if body.stream:
 
-        def chunk(text: str, finish: str | None) -> dict:
-            delta = {"content": text} if text or finish is None else {}
+        def envelope(entries: list[dict]) -> dict:
             return {
                 "id": cid,
                 "object": "chat.completion.chunk",
                 "created": created,
                 "model": body.model,
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+                "choices": entries,
             }
 
-        include = bool(body.stream_options and body.stream_options.include_usage)
-        first = chunk("", None)
-        first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
-        if include:
-            first["usage"] = None
-        return _stream(gen, state, chunk, include, first, extra_headers)
+        def pieces(choice: Choice, event: TokenEvent, opening: bool) -> list[dict]:
+            finish = event.finish_reason
+            if not (event.text or finish is not None or event.logprobs):
+                return []
+            delta = {"content": event.text} if event.text or finish is None else {}
+            scored = logprobs.chat_logprobs(event.logprobs or [], texts) if top is not None else None
+            return [{"index": choice.index, "delta": delta, "logprobs": scored, "finish_reason": finish}]
+
+        first = [
+            envelope(
+                [
+                    {
+                        "index": c.index,
+                        "delta": {"role": "assistant", "content": ""},
+                        "logprobs": None,
+                        "finish_reason": None,
+                    }
+                ]
+            )
+            for c in choices
+        ]
+        options = body.stream_options
+        include, continuous = bool(options and options.include_usage), bool(options and options.continuous_usage_stats)
+        return stream(choices, state, envelope, pieces, include, continuous, first, extra_headers)
     try:
-        text, finish, prompt_tokens, completion_tokens, cached = await _collect(gen, request, state)
+        results = await collect(choices, request, state)
     finally:
-        gen.close()
+        close_all(choices)
+    out = [
+        ChatChoice(
+            index=choice.index,
+            message=AssistantMessage(content=text),
+            logprobs=logprobs.chat_logprobs(choice.handle.logprobs, texts) if top is not None else None,
+            finish_reason=final.finish_reason,
+        )
+        for choice, (text, final) in zip(choices, results)
+    ]
+    finals = {c.index: final for c, (_, final) in zip(choices, results)}
     return ChatCompletionResponse(
-        id=cid,
-        created=created,
-        model=body.model,
-        choices=[ChatChoice(message=AssistantMessage(content=text), finish_reason=finish)],
-        usage=Usage(**_usage(prompt_tokens, completion_tokens, cached)),
+        id=cid, created=created, model=body.model, choices=out, usage=Usage(**total_usage(choices, finals))
     )
 
 

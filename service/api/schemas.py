@@ -3,9 +3,10 @@
 Completion and chat requests accept unknown fields, as vLLM learned to (clients add fields of newer
 API versions): they are ignored, logged, and named in the `x-modelserve-ignored-fields` response
 header. Known OpenAI fields this server cannot honour are refused by name rather than ignored
-(`n` > 1, penalties, `logprobs`, `echo`, `tool_choice` `required` or a named function, a
-`response_format` other than `text`); they are accepted at their no-op value so clients sending the
-defaults work. The admin requests (modelserve's and vLLM's own) still refuse unknown fields.
+(`n` over 16, `best_of` > 1, `suffix`, `tool_choice` `required` or a named function); they are
+accepted at their no-op value so clients sending the defaults work. Logprob shapes (`logprobs` of
+choices and chunks) are in `service/api/logprobs.py`. The admin requests (modelserve's and vLLM's own)
+still refuse unknown fields.
 Limits that depend on Settings (stop strings, prompt size) are checked in the routes.
 
 Numbers and booleans are not converted from strings or booleans, as in OpenAI's API: `"max_tokens": "5"`,
@@ -34,6 +35,9 @@ from pydantic import (
     model_validator,
 )
 from pydantic_core import PydanticCustomError
+
+from service.api.logprobs import ChatLogprobs, CompletionLogprobs
+from service.api.structured import GuidedChoice, GuidedJson, GuidedRegex, ResponseFormat
 
 
 def _number_only(value: Any) -> Any:
@@ -85,28 +89,41 @@ def _prompt_kind(value: Any) -> str | None:
     if isinstance(value, str):
         return "text"
     if isinstance(value, list):
-        return "texts" if value and isinstance(value[0], str) else "ids"
+        if value and isinstance(value[0], str):
+            return "texts"
+        return "list[list[int]]" if value and isinstance(value[0], list) else "ids"
     return None
 
 
 TOKEN_ID = WithJsonSchema({"type": "integer", "minimum": 0})
-# One member validated, chosen by the value's shape (a plain union would try each member in turn).
+MAX_PROMPTS = 64  # prompts in one completions request (each x n choices is one engine request)
+TokenIds = Annotated[list[Annotated[StrictInt, TOKEN_ID]], Field(fail_fast=True)]
+# One member validated, chosen by the value's shape (a plain union would try each member in turn). The
+# tag of the list of token-id lists is spelled like a type so the error's location names only `prompt`.
 Prompt = Annotated[
     Annotated[str, Tag("text")]
-    | Annotated[list[str], Field(min_length=1, max_length=1, fail_fast=True), Tag("texts")]
+    | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS, fail_fast=True), Tag("texts")]
     # ids >= 0 is documented but checked in the route with the vocabulary bound (a per-item bound here
     # would double the validation time of a long list).
-    | Annotated[list[Annotated[StrictInt, TOKEN_ID]], Field(fail_fast=True), Tag("ids")],
+    | Annotated[TokenIds, Tag("ids")]
+    | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS, fail_fast=True), Tag("list[list[int]]")],
     Discriminator(
         _prompt_kind,
         custom_error_type="prompt_type",
-        custom_error_message="prompt must be a string, a list of one string, or a list of integer token ids",
+        custom_error_message="prompt must be a string, a list of strings, a list of integer token ids, or a "
+        "list of such lists",
     ),
 ]
 
 
 class StreamOptions(_Lenient):
     include_usage: bool = Field(False, strict=True)
+    continuous_usage_stats: bool = Field(False, strict=True, description="vLLM: usage on every chunk.")
+
+
+MAX_N = 16  # choices per prompt
+MAX_TOP_LOGPROBS = 20  # vLLM's default max_logprobs
+MAX_LOGIT_BIAS = 1024  # entries of logit_bias
 
 
 class SamplingFields(_OpenAIRequest):
@@ -123,26 +140,45 @@ class SamplingFields(_OpenAIRequest):
         False, strict=True, description="vLLM extension: keep generating past the end-of-sequence token."
     )
     user: str | None = None
-    # OpenAI fields accepted only at their no-op value.
-    n: Literal[1] = 1
-    presence_penalty: Literal[0] = 0
-    frequency_penalty: Literal[0] = 0
-    logit_bias: dict[str, Any] | None = None  # refused unless empty: its values are not validated
-    logprobs: None = None
-
-    @field_validator("n", "presence_penalty", "frequency_penalty", mode="before")
-    @classmethod
-    def _no_bool(cls, value: Any) -> Any:
-        if isinstance(value, bool):  # Literal[1] would take `true` as 1
-            raise ValueError("must be a number, not a boolean")
-        return value
+    n: json_int(ge=1, le=MAX_N) = Field(1, description=f"Choices per prompt (at most {MAX_N}).")
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, strict=True, description="OpenAI, over generated tokens.")
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, strict=True, description="OpenAI, over generated tokens.")
+    repetition_penalty: float = Field(
+        1.0, gt=0.0, le=10.0, strict=True, description="vLLM: > 1 discourages tokens of the prompt and output."
+    )
+    min_p: float = Field(
+        0.0, ge=0.0, le=1.0, strict=True, description="Drop tokens below min_p x the best's probability."
+    )
+    logit_bias: dict[str, float] | None = Field(
+        None, description="Token id (as a string) -> bias in [-100, 100] added to its logit."
+    )
+    stop_token_ids: Annotated[list[StrictInt], Field(max_length=64, fail_fast=True)] | None = Field(
+        None, description="vLLM: token ids that end generation (finish_reason stop)."
+    )
+    min_tokens: json_int(ge=0) = Field(0, description="vLLM: EOS and stop_token_ids are masked until this many tokens.")
+    truncate_prompt_tokens: json_int(ge=1) | None = Field(None, description="vLLM: keep only the last K prompt tokens.")
+    # Structured output (service/api/structured.py): at most one of these four.
+    response_format: ResponseFormat | None = Field(None, description="OpenAI: text, json_object or json_schema.")
+    guided_json: GuidedJson | None = Field(None, description="vLLM: the output follows this JSON Schema.")
+    guided_regex: GuidedRegex | None = Field(None, description="vLLM: the output matches this regex.")
+    guided_choice: GuidedChoice | None = Field(None, description="vLLM: the output is one of these strings.")
 
     @field_validator("logit_bias", mode="before")  # before: a huge map is refused without validating it
     @classmethod
-    def _no_bias(cls, value: Any) -> Any:
-        if value:
-            raise ValueError("logit_bias is not supported")
+    def _bias(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        if len(value) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} entries")
+        for key, bias in value.items():
+            if not (isinstance(key, str) and key.isascii() and key.isdigit()):
+                raise ValueError(f"keys must be integer token ids, got {key[:32]!r}")
+            if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+                raise ValueError(f"the bias of token {key} must be a number in [-100, 100]")
         return value
+
+    def logit_bias_ids(self) -> dict[int, float]:
+        return {int(key): float(bias) for key, bias in (self.logit_bias or {}).items()}
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -151,8 +187,15 @@ class SamplingFields(_OpenAIRequest):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: Prompt = Field(description="One prompt: a string, a list of one string, or a list of token ids.")
-    echo: Literal[False] = False
+    prompt: Prompt = Field(
+        description=f"A string, a list of strings, a list of token ids, or a list of token-id lists "
+        f"(at most {MAX_PROMPTS} prompts); choice index = prompt index x n + choice."
+    )
+    max_tokens: json_int(ge=0) | None = Field(None, description="Tokens to generate at most; 0 only with echo.")
+    echo: bool = Field(False, strict=True, description="Return the prompt before the completion.")
+    logprobs: json_int(ge=0, le=MAX_TOP_LOGPROBS) | None = Field(
+        None, description="Top logprobs per token (0: the chosen token's only); with echo, the prompt's too."
+    )
     best_of: Literal[1] | None = None
     suffix: None = None
 
@@ -167,8 +210,8 @@ class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(fail_fast=True)] = Field(min_length=1)
     add_generation_prompt: bool = Field(True, strict=True)
     max_completion_tokens: json_int(ge=1) | None = Field(None, description="OpenAI's newer name for max_tokens.")
-    logprobs: Literal[False] | None = None
-    top_logprobs: None = None
+    logprobs: bool | None = Field(None, strict=True, description="Return the chosen tokens' logprobs.")
+    top_logprobs: json_int(ge=0, le=MAX_TOP_LOGPROBS) | None = Field(None, description="Needs logprobs: true.")
     parallel_tool_calls: bool | None = None
     tools: Annotated[list[dict], Field(fail_fast=True)] | None = Field(
         None, description="Accepted with tool_choice none or auto: the model answers in text (no tool calls)."
@@ -176,20 +219,12 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: Literal["none", "auto"] | None = Field(
         None, description="`required` or a named function would oblige a tool call this server cannot make: 400."
     )
-    response_format: dict[str, Any] | None = Field(None, description="Only {'type': 'text'} (the default).")
 
     @field_validator("tool_choice", mode="before")
     @classmethod
     def _text_only(cls, value: Any) -> Any:
         if value is not None and value not in ("none", "auto"):
             raise ValueError("only 'none' or 'auto' are supported: this server does not call tools")
-        return value
-
-    @field_validator("response_format")
-    @classmethod
-    def _plain_text(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None and value.get("type") != "text":
-            raise ValueError(f"response_format type {value.get('type')!r} is not supported; only 'text'")
         return value
 
 
@@ -207,7 +242,7 @@ class Usage(BaseModel):
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None
 
 
@@ -228,7 +263,7 @@ class AssistantMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None
 
 
@@ -249,7 +284,7 @@ class ChatDelta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: ChatDelta
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 

@@ -11,6 +11,7 @@ from service.engine.types import (
     SamplingParams,
     StepStats,
     TokenEvent,
+    TokenLogprob,
     UnknownModelError,
 )
 from service.engine.worker import ServedModel
@@ -29,5 +30,6 @@ __all__ = [
     "ServedModel",
     "StepStats",
     "TokenEvent",
+    "TokenLogprob",
     "UnknownModelError",
 ]

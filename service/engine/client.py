@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from service.engine import guided
 from service.engine.catalog import AdapterCard, AdapterCatalog
 from service.engine.engine import Engine
 from service.engine.types import (
@@ -37,6 +38,7 @@ from service.engine.types import (
     QueueFullError,
     SamplingParams,
     TokenEvent,
+    TokenLogprob,
     UnknownModelError,
 )
 from service.engine.worker import ServedModel
@@ -240,7 +242,32 @@ class EngineClient:
                 )
             self.check_text(stop, "stop", self.config.max_stop_chars)
         fields["top_k"] = max(fields.get("top_k", 0), 0)
-        return SamplingParams(max_tokens=max_tokens, stop=tuple(stops), **fields)
+        vocab = self.model(target.base).vocab_size
+        bias = fields.pop("logit_bias", None) or {}
+        if any(not 0 <= token < vocab for token in bias):
+            raise InvalidRequestError(f"logit_bias token ids must be in [0, {vocab})", param="logit_bias")
+        stop_ids = tuple(fields.pop("stop_token_ids", None) or ())
+        if any(not 0 <= token < vocab for token in stop_ids):
+            raise InvalidRequestError(f"stop_token_ids must be in [0, {vocab})", param="stop_token_ids")
+        if fields.get("min_tokens", 0) > max_tokens:
+            raise InvalidRequestError(
+                f"min_tokens={fields['min_tokens']} is over max_tokens={max_tokens}", param="min_tokens"
+            )
+        if fields.get("guided") is not None:  # structured output: compiled here, so a bad schema is a 400
+            served = self._models[target.base].served
+            fields["guided"] = guided.prepare(fields["guided"], served.tokenizer, vocab, served.eos_token_ids)
+        return SamplingParams(
+            max_tokens=max_tokens,
+            stop=tuple(stops),
+            logit_bias=tuple(sorted(bias.items())),
+            stop_token_ids=stop_ids,
+            **fields,
+        )
+
+    def token_texts(self, target: Target, ids: list[int]) -> list[str]:
+        """The text of each token on its own (logprobs' `tokens`); special tokens are kept."""
+        decode = self._models[target.base].served.tokenizer.decode
+        return [decode([token], skip_special_tokens=False) for token in ids]
 
     @staticmethod
     def _too_long(tokens: int, max_len: int) -> None:
@@ -254,7 +281,8 @@ class EngineClient:
     async def generate(
         self, target: Target, prompt_ids: list[int], params: SamplingParams, streaming: bool
     ) -> RequestHandle:
-        """Submit an admitted request (its adapter made resident first); always `close()` the handle."""
+        """Submit an admitted request (its adapter made resident first); always `close()` the handle.
+        `await handle.started` returns once its first event came (the prompt is computed)."""
         if target.adapter is not None:
             await self.catalog.ensure_resident(target.adapter)
         try:
@@ -288,21 +316,36 @@ class RequestHandle:
             self.target.base, self.target.adapter, len(self.prompt_ids), time.monotonic()
         )
         self.parts: list[str] = []
+        self.logprobs: list[TokenLogprob] = []  # non-streaming: every event's logprobs, in order
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None
         self._queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
         self._done: asyncio.Future[TokenEvent] = loop.create_future()
+        self.started: asyncio.Future[None] = loop.create_future()  # the first event came (the prompt is computed)
+        first = [True]
 
         def on_event(event: TokenEvent) -> None:  # engine thread (or the caller's, for `abandon`)
             self.tracker.on_event(event)  # the one place a request's metrics are fed, streaming or not
+            if event.prompt_logprobs is not None:  # before `started` resolves: choices sharing this prompt read it
+                self.prompt_logprobs = event.prompt_logprobs
+            if first[0]:
+                first[0] = False
+                loop.call_soon_threadsafe(self._start)
             if self.streaming:
                 loop.call_soon_threadsafe(self._queue.put_nowait, event)
                 return
             self.parts.append(event.text)
+            if event.logprobs:
+                self.logprobs.extend(event.logprobs)
             if event.finish_reason is not None:
                 self.finished = True
                 loop.call_soon_threadsafe(self._finish, event)
 
         client.engine.submit(self.request, on_event)  # raises EngineError: nothing submitted
         self._timer = loop.call_later(client.config.request_timeout_s, self._timeout)
+
+    def _start(self) -> None:
+        if not self.started.done():
+            self.started.set_result(None)
 
     def _finish(self, event: TokenEvent) -> None:
         if not self._done.done():

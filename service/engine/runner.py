@@ -4,14 +4,15 @@ Decode rows (one new token each) and prefill rows (prompt chunks) run as separat
 prompt chunk does not pad every decode row to its length; within each kind, rows of very different
 work (keys read, chunk length) run as separate forwards too (`group_rows`). Rows are ordered by adapter, so each LoRA
 adapter's rows are one contiguous segment (see adapters/). Returns the last-position logits of the
-rows that sample.
+rows that sample, and for prefill rows of sequences that asked prompt logprobs (echo) the logits at
+every position of the chunk: those rows run in their own prefill forwards with all positions.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -58,11 +59,18 @@ def group_rows(
     return groups
 
 
+def scores_prompt(row: ScheduledRow) -> bool:
+    """The row feeds prompt positions whose logits score a prompt token (a sequence asking prompt logprobs)."""
+    seq = row.sequence
+    return seq.request.params.prompt_logprobs is not None and row.context_len < seq.prompt_len - 1
+
+
 @dataclass
 class StepOutput:
     logits: dict[int, Tensor]  # id(sequence) -> (V,) logits at its last fed position, rows that sample only
     num_tokens: int
     expert_tokens: Tensor | None  # (layers, E) summed over this step's forwards
+    prompt_logits: dict[int, Tensor] = field(default_factory=dict)  # id(sequence) -> (T, V), prompt-scoring rows
 
 
 class ModelRunner:
@@ -74,8 +82,8 @@ class ModelRunner:
         compiled_decode: CompiledDecode | None = None,
     ) -> None:
         self.model = model
-        # Decode forwards of base-model rows go through the compiled graph when there is one; prefill,
-        # adapter rows and speculative verification stay eager.
+        # Decode forwards go through the compiled graph when there is one (adapter rows too, when it
+        # has the model's adapter registry); prefill and speculative verification stay eager.
         self.compiled_decode = compiled_decode
         self.cache = cache
         self.device = model.device
@@ -85,17 +93,27 @@ class ModelRunner:
     def run(self, rows: list[ScheduledRow]) -> StepOutput:
         logits: dict[int, Tensor] = {}
         expert_tokens: Tensor | None = None
-        decode = [r for r in rows if len(r.tokens) == 1]
-        prefill = [r for r in rows if len(r.tokens) > 1]
-        if self.compiled_decode is not None:  # base rows decode compiled, adapter rows in their own forwards
-            base = [r for r in decode if r.sequence.request.adapter is None]
-            adapted = [r for r in decode if r.sequence.request.adapter is not None]
-            decode_groups = group_rows(base, decode_work, MIN_SPLIT_DECODE) + group_rows(
-                adapted, decode_work, MIN_SPLIT_DECODE
-            )
+        # Prompt logprobs (echo): chunks that still hold prompt positions to score return every position, in
+        # forwards of their own (a one-token chunk included), so the decode path stays as it is.
+        scoring = [r for r in rows if scores_prompt(r)]
+        if scoring:
+            rows_left = [r for r in rows if not scores_prompt(r)]
         else:
-            decode_groups = group_rows(decode, decode_work, MIN_SPLIT_DECODE)
+            rows_left = rows
+        decode = [r for r in rows_left if len(r.tokens) == 1]
+        prefill = [r for r in rows_left if len(r.tokens) > 1]
+        decode_groups = group_rows(decode, decode_work, MIN_SPLIT_DECODE)
         groups = decode_groups + group_rows(prefill, prefill_work, MIN_SPLIT_PREFILL)
+        prompt_logits: dict[int, Tensor] = {}
+        for group in group_rows(scoring, prefill_work, MIN_SPLIT_PREFILL):
+            group.sort(key=lambda r: r.sequence.request.adapter or "")
+            out_logits, counts = self._forward(group, all_positions=True)  # (B, T, V)
+            for i, row in enumerate(group):
+                prompt_logits[id(row.sequence)] = out_logits[i, : len(row.tokens)]  # (T, V)
+                if row.needs_sample:
+                    logits[id(row.sequence)] = out_logits[i, len(row.tokens) - 1]
+            if counts is not None:
+                expert_tokens = counts if expert_tokens is None else expert_tokens + counts
         for group in groups:
             group.sort(key=lambda r: r.sequence.request.adapter or "")
             out_logits, counts = self._forward(group)
@@ -104,14 +122,15 @@ class ModelRunner:
                     logits[id(row.sequence)] = out_logits[i]
             if counts is not None:
                 expert_tokens = counts if expert_tokens is None else expert_tokens + counts
-        return StepOutput(logits, sum(len(r.tokens) for r in rows), expert_tokens)
+        return StepOutput(logits, sum(len(r.tokens) for r in rows), expert_tokens, prompt_logits)
 
-    def _forward(self, rows: list[ScheduledRow]) -> tuple[Tensor, Tensor | None]:
+    def _forward(self, rows: list[ScheduledRow], all_positions: bool = False) -> tuple[Tensor, Tensor | None]:
         return self.forward(
             [r.tokens for r in rows],
             [r.sequence.table.blocks for r in rows],
             [r.context_len for r in rows],
             [r.sequence.request.adapter for r in rows],
+            all_positions=all_positions,
         )
 
     @torch.inference_mode()
@@ -132,10 +151,9 @@ class ModelRunner:
             compiled is not None
             and longest == 1
             and not all_positions
-            and not (adapters and any(adapters))
-            and compiled.accepts(len(tokens), block_tables)
+            and compiled.accepts(len(tokens), block_tables, adapters)
         ):
-            return compiled.run([t[0] for t in tokens], block_tables, context_lens)
+            return compiled.run([t[0] for t in tokens], block_tables, context_lens, adapters)
         batch = torch.tensor([row + [0] * (longest - len(row)) for row in tokens])  # (B, T) right-padded
         widest = max(len(t) for t in block_tables)
         tables = torch.tensor([t + [0] * (widest - len(t)) for t in block_tables])  # (B, nb) padded with block 0

@@ -1,6 +1,6 @@
 """The engine's side of sampling: each request's random stream, and a batch of rows to the shared sampler.
 
-The sampling itself (greedy, temperature, top-k, top-p, robust to extreme values) lives in
+The sampling itself (greedy, temperature, top-k, top-p, min-p, robust to extreme values) lives in
 `models.sampling`, shared with `models.generate` and speculative decoding.
 """
 
@@ -29,4 +29,5 @@ def sample(logits: Tensor, params: list[SamplingParams], generators: list[Reques
         [p.top_k for p in params],
         [p.top_p for p in params],
         [g.generator if g is not None else None for g in generators],
+        [p.min_p for p in params],
     )

@@ -4,7 +4,7 @@ Each step has a token budget (`max_tokens_per_step`). Running sequences in decod
 first (oldest first), so decoding never starves; sequences still prefilling take what is left of the
 budget, long prompts in chunks; waiting sequences are admitted (FIFO) while batch rows, budget and KV
 blocks allow. A new sequence first takes the cached blocks of its prefix (prefix caching) and
-prefills only the rest.
+prefills only the rest; one that asked prompt logprobs takes none (it must compute every position).
 
 KV blocks are taken as tokens arrive. When the pool runs out, the most recently admitted running
 sequence is preempted: its blocks are freed (cached full blocks stay cached), its output so far is
@@ -91,7 +91,9 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_batch_size:
             seq = self.waiting[0]
             if not seq.table.blocks:
-                hit = self.blocks.match_prefix(seq.table, seq.all_tokens())
+                # A sequence that scores its prompt (prompt logprobs) computes every position: no cached prefix.
+                scores_prompt = seq.request.params.prompt_logprobs is not None
+                hit = 0 if scores_prompt else self.blocks.match_prefix(seq.table, seq.all_tokens())
                 seq.num_computed = hit
                 if seq.num_cached_tokens is None:
                     seq.num_cached_tokens = min(hit, seq.prompt_len)

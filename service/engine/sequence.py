@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from service.engine.block_manager import BlockTable
 from service.engine.detokenizer import IncrementalDetokenizer
 from service.engine.sampler import RequestGenerator
-from service.engine.types import GenerationRequest, TokenEvent
+from service.engine.types import GenerationRequest, TokenEvent, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,12 @@ class Sequence:
     cancelled: bool = False  # set by any thread; acted on at the next step boundary
     finished: bool = False  # the final event was emitted (by the engine, or by `Engine.abandon`)
     released: bool = False  # the worker freed its KV slot, adapter and draft state (engine thread only)
+    # Logits processing (service/engine/logits_processing.py): per-row state of penalties, the chosen
+    # tokens' logprobs not yet emitted, and the scored prompt tokens (echo) until they are emitted.
+    penalty_state: object | None = None
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    prompt_logprobs_sent: bool = False
     _emit_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -83,6 +89,12 @@ class Sequence:
                 error=error,
                 token_times=[now] * len(token_ids),
             )
+            if self.request.params.logprobs is not None:
+                event.logprobs, self.pending_logprobs = self.pending_logprobs, []
+            if self.request.params.prompt_logprobs is not None and not self.prompt_logprobs_sent:
+                scored = self.prompt_logprobs or [None]  # a one-token prompt has nothing to score
+                if len(scored) >= self.prompt_len or finish_reason is not None:
+                    event.prompt_logprobs, self.prompt_logprobs_sent = scored, True
             if finish_reason is not None:
                 self.finished = True
                 arrival = self.request.arrival_time

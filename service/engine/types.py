@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from models.sampling import is_greedy
+
+if TYPE_CHECKING:
+    from service.engine.guided import GuidedSpec
 
 FINISH_STOP, FINISH_LENGTH, FINISH_ABORT, FINISH_ERROR = "stop", "length", "abort", "error"
 
@@ -70,10 +74,41 @@ class SamplingParams:
     seed: int | None = None  # a seeded request samples the same tokens whatever it is batched with
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    min_p: float = 0.0  # drop tokens below min_p x the best token's probability (0: off)
+    presence_penalty: float = 0.0  # OpenAI: minus this for each token already generated (output only)
+    frequency_penalty: float = 0.0  # OpenAI: minus this x the times a token was generated (output only)
+    repetition_penalty: float = 1.0  # vLLM/HF: tokens of prompt or output, logit / p if > 0 else logit x p
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100]) added to the logit
+    stop_token_ids: tuple[int, ...] = ()  # generating one of these ends with finish_reason "stop"
+    min_tokens: int = 0  # EOS and stop_token_ids are masked until this many tokens were generated
+    logprobs: int | None = None  # top logprobs returned per generated token (0: the chosen one only)
+    prompt_logprobs: int | None = None  # same for each prompt token (echo); every prompt position computed
+    guided: GuidedSpec | None = None  # structured output: the grammar the output must follow (guided.py)
 
     @property
     def greedy(self) -> bool:
         return is_greedy(self.temperature, self.top_k)
+
+    @property
+    def penalised(self) -> bool:
+        """True when the row needs `service.engine.penalties` before sampling."""
+        return bool(
+            self.presence_penalty
+            or self.frequency_penalty
+            or self.repetition_penalty != 1.0
+            or self.logit_bias
+            or self.min_tokens
+        )
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One token's log-probability under the model's raw logits (log-softmax before temperature,
+    penalties and truncation, as vLLM returns by default) and the most likely alternatives."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), most likely first
 
 
 @dataclass
@@ -102,6 +137,9 @@ class TokenEvent:
     queue_time: float | None = None  # arrival -> first scheduled
     time_to_first_token: float | None = None  # arrival -> first token produced
     token_times: list[float] = field(default_factory=list)  # when each new token was produced (this event)
+    logprobs: list[TokenLogprob] | None = None  # one per token of token_ids when the request asked logprobs
+    # Once, on the first event after the prompt is scored: one per prompt token, None for the first one.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass

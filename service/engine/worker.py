@@ -1,7 +1,8 @@
 """One served model inside the engine: its scheduler, KV cache, runner and the per-step bookkeeping.
 
 A step: drop cancelled sequences, schedule, run the forwards, sample, detokenize, emit events,
-finish sequences (stop, EOS, max_tokens, context full) and free their KV slots, and return the
+finish sequences (stop, EOS or a stop_token_id, max_tokens, context full; max_tokens 0 with echo once
+the prompt is scored) and free their KV slots, and return the
 step's stats. Faults stay with the requests they touch: a row whose logits are not finite fails
 alone, and an exception anywhere in a step fails that step's requests (their KV slots freed) and is
 reported in the stats, so the engine decides whether to go on.
@@ -65,11 +66,12 @@ class ModelWorker:
         activate = served.registry.activate if served.registry is not None else None
         compiled = None
         if config.compile_decode and CompiledDecode.supports(model):
-            compiled = CompiledDecode(model, self.cache, config.max_batch_size)
+            compiled = CompiledDecode(model, self.cache, config.max_batch_size, served.registry)
         elif config.compile_decode:
             log.warning("%s: compiled decode needs float weights (int8 models run eager)", served.name)
         self.runner = ModelRunner(model, self.cache, activate, compiled)
         self.eos = set(served.eos_token_ids)
+        self.eos_ids = tuple(sorted(self.eos))  # masked for rows under min_tokens
         self.finished_ids: list[str] = []  # requests finished since the engine last collected them
         self.speculative: SpeculativeDecoder | None = None
         if served.speculative is not None and served.speculative.method == "ngram":
@@ -178,12 +180,19 @@ class ModelWorker:
             expert_tokens = output.expert_tokens
             for row in plain_rows:
                 row.sequence.num_computed += len(row.tokens)
+                if output.prompt_logits:  # prompt logprobs (echo): score the prompt tokens this chunk predicts
+                    scored = output.prompt_logits.get(id(row.sequence))
+                    if scored is not None:
+                        logits_processing.observe_prompt(row.sequence, row.context_len, scored)
             seqs = [r.sequence for r in plain_rows if r.needs_sample]
+            for seq in [s for s in seqs if s.request.params.max_tokens == 0]:  # echo scoring only: done
+                self.finish(seq, FINISH_LENGTH)
+                seqs.remove(seq)
             if seqs:
                 logits = torch.stack([output.logits[id(s)] for s in seqs])  # (S, V)
                 broken = nonfinite_rows(logits).tolist()  # (S,)
                 seqs, logits = self._fail_nonfinite(seqs, logits, broken)
-                chosen_from = logits_processing.process(seqs, logits)  # (S, V)
+                chosen_from = logits_processing.process(seqs, logits, self.eos_ids)  # (S, V)
                 next_ids = sample(chosen_from, [s.request.params for s in seqs], [s.generator for s in seqs])
                 for i, (seq, token) in enumerate(zip(seqs, next_ids)):
                     logits_processing.observe(seq, token, logits[i])
@@ -245,7 +254,7 @@ class ModelWorker:
 
     def _append(self, seq: Sequence, token: int) -> None:
         params = seq.request.params
-        if token in self.eos and not params.ignore_eos:
+        if (token in self.eos and not params.ignore_eos) or token in params.stop_token_ids:
             self.finish(seq, FINISH_STOP, token_ids=[token])
             return
         seq.output_ids.append(token)

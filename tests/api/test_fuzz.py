@@ -4,10 +4,12 @@ The schema comes from the running server's `/openapi.json`, narrowed only where 
 be fuzzed usefully otherwise: `model` is one of the served names (a random string is only ever a 404),
 token ids are below the zoo's vocabulary size (else nearly every id prompt is a 400), and `max_tokens`
 / `max_completion_tokens` are capped (and `max_tokens` required, as chat's default is 256 tokens) so
-each generation stays a few milliseconds. Everything else (temperature, top_p, top_k, seed, stop,
-prompts, messages, stream) is generated from the document as it is; the test asserts that requests
-answered 200 carried each sampling field. `POST /v1/unload_lora_adapter` is left out: it could unload
-the shared server's adapters under other tests.
+each generation stays a few milliseconds; the structured-output fields are left out (a random schema
+or regex is a 400, and as optional fields they would crowd out the 200s that carry sampling fields;
+`tests/service/test_guided.py` fuzzes them against the grammar compiler). Everything else (temperature,
+top_p, top_k, seed, stop, prompts, messages, stream) is generated from the document as it is; the test
+asserts that requests answered 200 carried each sampling field. `POST /v1/unload_lora_adapter` is left
+out: it could unload the shared server's adapters under other tests.
 
 Each operation gets a fixed number of examples, derandomized (the same cases every run, so CI is
 stable). Positive (schema-valid) cases must get a documented status, content type, headers and body;
@@ -39,6 +41,7 @@ SERVED = ["tiny", "moe", "a1", "a2"]
 MAX_TOKENS = 6
 SAMPLING = ("temperature", "top_p", "top_k", "seed", "stop", "stream")
 SKIPPED = {("POST", "/v1/unload_lora_adapter")}
+CONSTRAINTS = ("response_format", "guided_json", "guided_regex", "guided_choice")  # structured output
 EXAMPLES = {"POST": 120, "GET": 10}  # per operation and mode; GETs take no input
 CHECKS = [
     not_a_server_error,
@@ -54,12 +57,13 @@ def narrowed(document: dict, vocab: int) -> dict:
     generation lengths capped."""
     document = copy.deepcopy(document)
     schemas = document["components"]["schemas"]
-    ids = next(
-        member
-        for member in schemas["CompletionRequest"]["properties"]["prompt"]["oneOf"]
-        if member.get("items", {}).get("type") == "integer"
-    )
-    ids["items"]["maximum"] = vocab - 1
+    for member in schemas["CompletionRequest"]["properties"]["prompt"]["oneOf"]:  # token ids, flat or batched
+        items = member.get("items", {})
+        ids = items if items.get("type") == "integer" else items.get("items", {})
+        if ids.get("type") == "integer":  # non-empty lists of ids within the vocabulary
+            ids.update(minimum=0, maximum=vocab - 1)
+            member["minItems"] = 1
+            items.setdefault("minItems", 1)
     for name in ("CompletionRequest", "ChatCompletionRequest"):
         request = schemas[name]
         request["properties"]["model"] = {"type": "string", "enum": SERVED}
@@ -67,6 +71,24 @@ def narrowed(document: dict, vocab: int) -> dict:
             if field in request["properties"]:
                 request["properties"][field] = {"type": "integer", "minimum": 1, "maximum": MAX_TOKENS}
         request["required"] = sorted({*request.get("required", []), "max_tokens"})
+        for field in CONSTRAINTS:  # random schemas and regexes are 400s: fuzzed in tests/service/test_guided.py
+            request["properties"].pop(field, None)
+        # Random token-id keys are 400s (tested in tests/api/test_sampling_api.py); ids within the vocabulary;
+        # n and min_tokens small enough that requests fit the capacity and max_tokens.
+        request["properties"].pop("logit_bias", None)
+        if "stop_token_ids" in request["properties"]:
+            request["properties"]["stop_token_ids"] = {
+                "type": "array",
+                "items": {"type": "integer", "minimum": 0, "maximum": vocab - 1},
+                "maxItems": 4,
+            }
+        for field, most in (("n", 2), ("min_tokens", 1)):
+            if field in request["properties"]:
+                request["properties"][field] = {
+                    "type": "integer",
+                    "minimum": 0 if field == "min_tokens" else 1,
+                    "maximum": most,
+                }
     return document
 
 

@@ -95,7 +95,8 @@ IDS = [
     ("1.6M trues", b"[" + b"true," * 1_600_000 + b"1]", 400, "prompt.0", "valid integer"),
     ("2M strings after an id", b"[1" + b',"a"' * 2_000_000 + b"]", 400, "prompt.1", "valid integer"),
     ("not a prompt", b"{}", 400, "prompt", "list of integer token ids"),
-    ("two strings", b'["a", "b"]', 400, "prompt", "at most 1 item"),
+    ("65 strings", b"[" + b'"a",' * 64 + b'"b"]', 400, "prompt", "at most 64 items"),
+    ("a list of id lists with a string", b'[[1, 2], [3, "4"]]', 400, "prompt.1.1", "valid integer"),
 ]
 
 
