@@ -133,8 +133,10 @@ def _fill(model: CausalLM, case: DecodeCase, seed: int) -> tuple[SlotKVCache, KV
         padded = torch.zeros(*shape[:3], per_row * paged.block_size, shape[-1])
         padded[..., :ctx, :] = values
         blocks = padded.view(*shape[:3], per_row, paged.block_size, shape[-1]).permute(0, 1, 3, 4, 2, 5)
-        getattr(paged, name).view(shape[0], b, per_row, *getattr(paged, name).shape[2:])[:] = blocks
-        getattr(scattered, name)[:, tables] = blocks  # (layers, B, nb, bs, KVH, D)
+        for layer in range(shape[0]):  # blocks[layer] (B, nb, bs, KVH, D); each pool ends with its scratch block
+            pool = getattr(paged, name)[layer]
+            pool[: b * per_row].view(b, per_row, *pool.shape[1:])[:] = blocks[layer]
+            getattr(scattered, name)[layer][tables] = blocks[layer]
     return slot, paged, scattered, tables
 
 
