@@ -88,6 +88,9 @@ class MultiLoRALinear(nn.Module):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.a_stack: Tensor | None = None  # (slots, rank, in)
         self.b_stack: Tensor | None = None  # (slots, out, rank), scaling folded in
+        # The same B laid out (slots, rank, out): the compiled decode step's expand sums over rank while
+        # running along `out` in memory order (vectorised), which the (out, rank) layout does not allow.
+        self.b_stack_t: Tensor | None = None
         self.ranks: dict[int, int] = {}  # slot -> rank of the adapter resident there (absent: zeros)
         self._gathered: tuple[tuple, Tensor, Tensor] | None = None  # (key, A^T (R, in, r), B^T (R, r, out))
 
@@ -108,6 +111,8 @@ class MultiLoRALinear(nn.Module):
         self.b_stack[slot].zero_()
         self.a_stack[slot, :rank] = a
         self.b_stack[slot, :, :rank] = b
+        self.b_stack_t[slot].zero_()
+        self.b_stack_t[slot, :rank] = b.T
         self.ranks[slot] = rank
         self.context.version += 1
 
@@ -115,6 +120,7 @@ class MultiLoRALinear(nn.Module):
         if self.ranks.pop(slot, None) is not None:
             self.a_stack[slot].zero_()
             self.b_stack[slot].zero_()
+            self.b_stack_t[slot].zero_()
             self.context.version += 1
 
     def _gather(self) -> tuple[Tensor, Tensor]:
@@ -141,6 +147,7 @@ class MultiLoRALinear(nn.Module):
             a[:have_slots, :have_rank] = self.a_stack
             b[:have_slots, :, :have_rank] = self.b_stack
         self.a_stack, self.b_stack = a, b
+        self.b_stack_t = b.transpose(1, 2).contiguous()  # (slots, rank, out)
 
     # ---- forward ----
     def forward(self, x: Tensor) -> Tensor:

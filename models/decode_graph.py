@@ -14,7 +14,7 @@ each, but with no data-dependent shape, no `.item()` and no Python branching on 
   same way: gathered per routed token (few tokens) or all experts masked by the routing (many tokens).
 
 LoRA adapters (S-LoRA/Punica style, many per batch): when the model's projections are wrapped for
-adapters (adapters/multi_lora.py: stacks A (slots, r, in), B (slots, out, r)), `lora_stacks()` lists
+adapters (adapters/multi_lora.py: stacks A (slots, r, in), B^T (slots, r, out)), `lora_stacks()` lists
 their current stacks and the forward takes them with a slot per row (-1: base). Each projection adds
 sum_r (x . A[slot]) B[slot] written as products and sums, so the compiler reads each row's adapter
 rows in place (no per-row weight copies); a slot beyond a stack (an adapter that does not target
@@ -50,18 +50,19 @@ class LoRABatch:
     targets that projection) and each row's slot (B,), -1 for base rows."""
 
     a: list[Tensor | None]  # (slots, r, in) each
-    b: list[Tensor | None]  # (slots, out, r) each, scaling folded in
+    b: list[Tensor | None]  # (slots, r, out) each (B transposed), scaling folded in
     slots: Tensor  # (B,) long
 
 
 def lora_delta(x: Tensor, a: Tensor | None, b: Tensor | None, slots: Tensor) -> Tensor | None:
-    """x (B, in) -> (B, out): each row's B[slot] @ A[slot] @ x; rows whose slot the stack lacks add 0."""
+    """x (B, in) -> (B, out): each row's B[slot] @ A[slot] @ x, with a (S, r, in) and b = B^T (S, r, out);
+    rows whose slot the stack lacks add 0. Both sums run along a contiguous axis (in; out)."""
     if a is None:
         return None
     present = (slots >= 0) & (slots < a.shape[0])  # (B,)
     index = torch.where(present, slots, torch.zeros_like(slots))
     shrunk = (x[:, None, :] * a[index]).sum(-1)  # (B, r)
-    expanded = (shrunk[:, None, :] * b[index]).sum(-1)  # (B, out)
+    expanded = (shrunk[:, :, None] * b[index]).sum(1)  # (B, out)
     return expanded * present[:, None].to(expanded.dtype)
 
 
@@ -130,9 +131,9 @@ class DecodeGraph(nn.Module):
         return any(target is not None for target in self.lora_targets)
 
     def lora_stacks(self) -> tuple[list[Tensor | None], list[Tensor | None]]:
-        """The wrapped projections' current A and B stacks (None where none is allocated yet)."""
+        """The wrapped projections' current A (S, r, in) and B^T (S, r, out) stacks (None where none yet)."""
         a = [getattr(t, "a_stack", None) for t in self.lora_targets]
-        b = [getattr(t, "b_stack", None) for t in self.lora_targets]
+        b = [getattr(t, "b_stack_t", None) for t in self.lora_targets]
         return a, b
 
     @staticmethod

@@ -34,7 +34,7 @@ from models.kv_cache import PagedKVCache
 log = logging.getLogger(__name__)
 
 # Every served model's graphs are entries of one code object (DecodeGraph.forward): bucket x variant x model.
-# Dynamo's default limit (8 entries) would silently send the rest to eager.
+# Dynamo's default limit (8 entries) would refuse the rest.
 RECOMPILE_LIMIT = 1024
 MIN_TABLE_BLOCKS = 2  # block-table width never below this (keeps the dimension dynamic, not specialised)
 # Widest block table the graph takes (the compiler bounds the dynamic width at 256); wider rows run eager.
@@ -57,10 +57,6 @@ class CompiledDecode:
         self, model: CausalLM, cache: PagedKVCache, max_batch_size: int, registry: AdapterRegistry | None = None
     ) -> None:
         self.graph = DecodeGraph(model)
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-        torch._dynamo.config.accumulated_recompile_limit = max(
-            torch._dynamo.config.accumulated_recompile_limit, RECOMPILE_LIMIT
-        )
         self.compiled = torch.compile(self.graph, dynamic=False, fullgraph=True)
         self.cache = cache
         self.registry = registry if self.graph.has_lora else None
@@ -162,10 +158,11 @@ class CompiledDecode:
             log.info("compiled decode: compiling a new structure %s while serving", structure)
         torch._dynamo.mark_dynamic(table, 1, min=MIN_TABLE_BLOCKS, max=MAX_TABLE_BLOCKS)
         if lora is not None:  # adapter slots and rank (at least 2 each, see adapters/multi_lora.py)
-            for stacks, rank_dim in ((lora.a, 1), (lora.b, 2)):  # A (slots, r, in), B (slots, out, r)
-                for stack in (s for s in stacks if s is not None):
-                    torch._dynamo.maybe_mark_dynamic(stack, 0)
-                    torch._dynamo.maybe_mark_dynamic(stack, rank_dim)
-        result = self.compiled(*args, lora)
+            for stack in (s for s in lora.a + lora.b if s is not None):  # A (S, r, in), B^T (S, r, out)
+                torch._dynamo.maybe_mark_dynamic(stack, 0)
+                torch._dynamo.maybe_mark_dynamic(stack, 1)
+        # The limit is patched for this call only (a global setting may be reset by other code in the process).
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, accumulated_recompile_limit=RECOMPILE_LIMIT):
+            result = self.compiled(*args, lora)
         self.compiled_structures.add(structure)
         return result

@@ -20,7 +20,7 @@ from models.attention import AttentionMetadata
 from models.decode_graph import MOE_GATHER_MAX_PAIRS, DecodeGraph
 from models.kv_cache import PagedKVCache
 from service.engine import SchedulerConfig
-from service.engine.compiled_decode import RECOMPILE_LIMIT, CompiledDecode, batch_buckets
+from service.engine.compiled_decode import CompiledDecode, batch_buckets
 from tests.adapters.test_multi_lora import setup  # noqa: F401  (fixture)
 from tests.models.hf_fixtures import VOCAB, save_hf_model
 from tests.service.test_paged_kv import expected, make_engine, run, tokens
@@ -174,7 +174,6 @@ def test_adapters_loaded_after_warm_up_run_compiled_and_exact(setup):  # noqa: F
         # Each compiled structure is a graph of its own (none fell back to eager at Dynamo's entry limit).
         entries = torch._dynamo.eval_frame._debug_get_cache_entry_list(DecodeGraph.forward.__code__)
         assert len(entries) >= len(compiled.compiled_structures)
-        assert torch._dynamo.config.recompile_limit >= RECOMPILE_LIMIT
     finally:
         engine.stop()
 
