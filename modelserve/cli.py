@@ -47,12 +47,36 @@ def _loadtest(args: argparse.Namespace) -> int:
 EXPLICIT_FLAGS = {"host", "port", "device", "models", "adapters", "drafts", "quantization", "ray_address"}
 # vLLM's names for the same settings, so a `vllm serve` command line mostly carries over.
 VLLM_ALIASES = {
+    "max_adapters": ["--max-loras"],
     "max_batch_size": ["--max-num-seqs"],
     "max_tokens_per_step": ["--max-num-batched-tokens"],
     "kv_block_size": ["--block-size"],
     "num_draft_tokens": ["--num-speculative-tokens"],
 }
 SETTING_DEST = "setting_"  # argparse dest prefix of the generated flags
+
+
+def settings_help() -> dict[str, str]:
+    """Each setting's help: the comment lines just above its field in service/settings.py and the comment
+    at the end of its line (the settings are documented there, once)."""
+    import inspect
+    import re
+
+    from service.settings import Settings
+
+    helps: dict[str, str] = {}
+    above: list[str] = []
+    for line in inspect.getsource(Settings).splitlines():
+        stripped = line.strip()
+        field = re.match(r"^(\w+): .*?(?:#\s*(.*))?$", stripped)
+        if stripped.startswith("# ----") or not stripped:
+            above = []
+        elif stripped.startswith("#"):
+            above.append(stripped.lstrip("# "))
+        elif field and line.startswith("    ") and not line.startswith("     "):
+            helps[field.group(1)] = " ".join([*above, field.group(2) or ""]).strip()
+            above = []
+    return helps
 
 
 def add_settings_flags(parser: argparse.ArgumentParser) -> None:
@@ -65,6 +89,7 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
     from service.settings import Settings
 
     group = parser.add_argument_group("settings (each also MODELSERVE_<NAME> in the environment)")
+    helps = settings_help()
     for name, field in Settings.model_fields.items():
         if name in EXPLICIT_FLAGS:
             continue
@@ -72,19 +97,16 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
         if typing.get_origin(kind) in (typing.Union, types.UnionType):  # X | None
             kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
         flags = [f"--{name.replace('_', '-')}", *VLLM_ALIASES.get(name, [])]
-        dest, default = SETTING_DEST + name, field.default
+        dest = SETTING_DEST + name
+        text = f"{helps.get(name, '')} (default: {field.default})".replace("%", "%%").strip()
         if kind is bool:
-            group.add_argument(
-                *flags, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=f"(default: {default})"
-            )
+            group.add_argument(*flags, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif typing.get_origin(kind) is typing.Literal:
-            group.add_argument(
-                *flags, dest=dest, choices=list(typing.get_args(kind)), default=None, help=f"(default: {default})"
-            )
+            choices = list(typing.get_args(kind))
+            group.add_argument(*flags, dest=dest, choices=choices, default=None, help=text)
         elif kind in (int, float, str, Path):
-            group.add_argument(
-                *flags, dest=dest, type=kind, default=None, metavar=kind.__name__.upper(), help=f"(default: {default})"
-            )
+            metavar = kind.__name__.upper()
+            group.add_argument(*flags, dest=dest, type=kind, default=None, metavar=metavar, help=text)
     group.add_argument(
         "--api-key",
         dest=SETTING_DEST + "api_keys",
@@ -123,7 +145,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve models over the OpenAI-compatible HTTP API")
     serve.add_argument("--config", help="settings file (JSON or .env)")
     serve.add_argument("--model", action="append", default=[], metavar="NAME=DIR")
-    serve.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR")
+    serve.add_argument(
+        "--adapter",
+        "--lora-modules",
+        dest="adapter",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="a PEFT LoRA adapter loaded at start (repeatable; --lora-modules is vLLM's name)",
+    )
     serve.add_argument(
         "--draft",
         action="append",

@@ -64,7 +64,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(zoo: dict[str, Path], tmp: Path, adapters=("a1", "a2"), **settings) -> Server:
+def start_server(
+    zoo: dict[str, Path], tmp: Path, adapters=("a1", "a2"), ready_timeout: float = 60, **settings
+) -> Server:
+    """A real `modelserve serve` process on the tiny zoo, returned once /ready answers 200; settings become
+    MODELSERVE_* variables (log_level="info" shows start-up progress in the log a failure prints)."""
     port = free_port()
     env = {**os.environ, "MODELSERVE_TORCH_THREADS": "1", "MODELSERVE_LOG_LEVEL": "warning", "PYTHONUNBUFFERED": "1"}
     env["MODELSERVE_ADAPTER_ROOTS"] = json.dumps([str(zoo["a1"].parent)])
@@ -77,7 +81,7 @@ def start_server(zoo: dict[str, Path], tmp: Path, adapters=("a1", "a2"), **setti
     process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
     server = Server(process, f"http://127.0.0.1:{port}", log)
     headers = {"Authorization": f"Bearer {settings['api_keys'][0]}"} if settings.get("api_keys") else {}
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + ready_timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"server exited {process.returncode}:\n{log.read_text()}")
@@ -88,7 +92,7 @@ def start_server(zoo: dict[str, Path], tmp: Path, adapters=("a1", "a2"), **setti
             pass
         time.sleep(0.1)
     server.stop()
-    raise RuntimeError(f"server not ready in 60 s:\n{log.read_text()}")
+    raise RuntimeError(f"server not ready in {ready_timeout:.0f} s:\n{log.read_text()}")
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from modelserve.cli import EXPLICIT_FLAGS, build_parser
@@ -64,3 +66,21 @@ def test_an_invalid_flag_value_is_refused_by_name():
         parse("--max-model-len", "2")
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--max-num-seqs", "many"])
+
+
+def test_vllm_adapter_and_template_flags(tmp_path):
+    args = build_parser().parse_args(["serve", "--lora-modules", "a=/x", "--adapter", "b=/y", "--max-loras", "3"])
+    settings = settings_from_args(args)
+    assert settings.adapters == {"a": Path("/x"), "b": Path("/y")} and settings.max_adapters == 3
+    template = tmp_path / "chat.jinja"
+    template.write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    assert parse("--chat-template", str(template)).chat_template_text() == template.read_text()
+    assert parse("--chat-template", "{{ messages[0].content }}").chat_template_text() == "{{ messages[0].content }}"
+    with pytest.raises(ValueError, match="chat_template"):
+        parse("--chat-template", str(tmp_path / "missing.jinja"))
+
+
+def test_help_text_comes_from_the_settings_comments():
+    help_text = " ".join(build_parser()._subparsers._group_actions[0].choices["serve"].format_help().split())
+    assert "Cap on prompt + output tokens per sequence" in help_text  # max_model_len's comment
+    assert "--max-batch-size INT, --max-num-seqs INT" in help_text
