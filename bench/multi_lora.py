@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,12 +44,14 @@ from bench.serving import (
     DENSE,
     TINY_DENSE,
     EngineHarness,
+    LLAMA_512x8,
     ModelSource,
     RunResult,
     interleaved,
     make_peft_adapters,
     median_run,
     model_or_random,
+    random_model,
     random_prompts,
     served,
     time_blocks,
@@ -78,6 +80,11 @@ class MultiLoRABenchConfig:
     target_vs_base: float = 0.9  # issue 14: 32 adapters >= 0.9x 32 base requests on the student
     target_vs_peer: float = 5.0
     compile_decode: bool = True  # the engine as served with --compile-decode (adapter rows compiled too)
+    # The target block again on the held-out 512 x 8 llama (its 32 all-linear adapters weigh two thirds of
+    # the base and are read every step): issue 14's >= 0.8x; fewer rounds (its peft peer takes ~30 s a round).
+    llama: bool = True
+    llama_reps: int = 3
+    target_llama_vs_base: float = 0.8
     tiny: bool = False
     seed: int = 0
 
@@ -97,6 +104,7 @@ TINY = MultiLoRABenchConfig(
     kernel_block=1,
     kernel_reps=1,
     compile_decode=False,  # CI: the compiled path is tested in tests/service/test_compiled_decode.py
+    llama=False,
     tiny=True,
 )
 
@@ -109,8 +117,10 @@ class Setup:
     registry: AdapterRegistry
 
 
-def build(config: MultiLoRABenchConfig, workdir: Path) -> Setup:
-    source = model_or_random("student", TINY_DENSE if config.tiny else DENSE, workdir, config.seed, config.tiny)
+def build(config: MultiLoRABenchConfig, workdir: Path, source: ModelSource | None = None) -> Setup:
+    """The model (the zoo's student unless given) served plain and with LoRA layers, num_adapters adapters loaded."""
+    if source is None:
+        source = model_or_random("student", TINY_DENSE if config.tiny else DENSE, workdir, config.seed, config.tiny)
     count = config.num_adapters
     adapters = make_peft_adapters(
         source.directory, workdir / "adapters", count, config.rank, config.lora_std, config.seed
@@ -145,7 +155,9 @@ def row(block: str, setup_name: str, runs: list[RunResult], adapters: int, refer
     }
 
 
-def target_block(config: MultiLoRABenchConfig, setup: Setup) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def target_block(
+    config: MultiLoRABenchConfig, setup: Setup, block: str = "target"
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     n = config.requests
     prompts = random_prompts(n, _vocab(setup), config.prompt_lens, config.seed)
     names = [f"lora{i:02d}" for i in range(n)]
@@ -161,7 +173,7 @@ def target_block(config: MultiLoRABenchConfig, setup: Setup) -> tuple[list[dict[
     runs = interleaved(fns, config.warmup, reps)
     base = median_run(runs["engine base"]).tokens_per_s
     adapters = {"engine base": 0, "engine base, LoRA layers": 0, "engine mixed": n, "peft sequential": n}
-    rows = [row("target", name, runs[name], adapters[name], base) for name in fns]
+    rows = [row(block, name, runs[name], adapters[name], base) for name in fns]
     checks = {
         "engine_mixed_vs_peft": compare_outputs(runs["engine mixed"][0].outputs, runs["peft sequential"][0].outputs),
         "engine_base_vs_base_with_lora_layers": compare_outputs(
@@ -172,6 +184,18 @@ def target_block(config: MultiLoRABenchConfig, setup: Setup) -> tuple[list[dict[
         ),
     }
     return rows, {"runs": runs, "checks": checks}
+
+
+def llama_block(config: MultiLoRABenchConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The target block on the held-out 512 x 8 llama (random weights, 32 random all-linear adapters)."""
+    llama_config = replace(
+        config, curve_requests=config.requests, curve_adapters=(), reps=config.llama_reps, peer_reps=1
+    )
+    with tempfile.TemporaryDirectory(prefix="bench-multi-lora-llama-") as tmp:
+        source = random_model("llama_512x8", LLAMA_512x8, Path(tmp), config.seed)
+        setup = build(llama_config, Path(tmp), source)
+        with setup.harness.running():
+            return target_block(llama_config, setup, block="llama 512x8 target")
 
 
 def curve_block(config: MultiLoRABenchConfig, setup: Setup) -> list[dict[str, Any]]:
@@ -320,7 +344,10 @@ def run(tiny: bool, out_dir: Path) -> dict[str, Path]:
             kernels = kernel_times(config, setup)
             progress.update()
         cost = lora_cost(setup, config.rank)
-    rows = target_rows + curve_rows
+    llama_rows: list[dict[str, Any]] = []
+    if config.llama:
+        llama_rows, llama = llama_block(config)
+    rows = target_rows + curve_rows + llama_rows
     by_setup = {r["setup"]: r for r in target_rows}
     mixed = by_setup["engine mixed"]
     vs_peer = mixed["tokens_per_s"] / by_setup["peft sequential"]["tokens_per_s"]
@@ -332,6 +359,14 @@ def run(tiny: bool, out_dir: Path) -> dict[str, Path]:
         "mixed_vs_peft_at_least": config.target_vs_peer,
         "mixed_vs_peft_met": vs_peer >= config.target_vs_peer,
     }
+    if llama_rows:
+        llama_mixed = next(r for r in llama_rows if r["setup"] == "engine mixed")
+        verdict |= {
+            "llama_mixed_vs_base": llama_mixed["vs_base"],
+            "llama_mixed_vs_base_at_least": config.target_llama_vs_base,
+            "llama_mixed_vs_base_met": llama_mixed["vs_base"] >= config.target_llama_vs_base,
+            "llama_correctness": llama["checks"],
+        }
     log.info("%s: mixed %.2fx base, %.2fx peft", NAME, mixed["vs_base"], vs_peer)
     diagnosis = diagnose(rows, kernels, cost)
     meta = {

@@ -57,7 +57,7 @@ SCENARIOS: dict[str, Scenario] = {
         ),
         Scenario(
             "teacher-spec",
-            "The teacher, greedy, batch-light: speculative decoding with the student as draft when the server "
+            "The teacher, greedy, batch-light: speculative decoding with a draft model when the server "
             "configures one (acceptance-rate metrics).",
             model="teacher",
             users=2,

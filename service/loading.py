@@ -153,11 +153,13 @@ def resolve_base(adapter_dir: Path, models: dict[str, LoadedModel]) -> str:
 
 
 def resolve_drafts(settings: Settings, models: dict[str, LoadedModel]) -> dict[str, str]:
-    """Target -> draft pairs: the configured ones, or for the demo zoo the student drafting for the teacher."""
+    """Target -> draft pairs: the configured ones, or for the demo zoo the DistillSpec draft (the student when
+    the zoo predates it) drafting for the teacher."""
     if settings.drafts:
         return dict(settings.drafts)
-    if not settings.models and {"teacher", "student"} <= set(models):
-        return {"teacher": "student"}
+    for draft in ("draft", "student"):
+        if not settings.models and {"teacher", draft} <= set(models):
+            return {"teacher": draft}
     return {}
 
 
@@ -197,7 +199,8 @@ def load_all(settings: Settings) -> tuple[dict[str, LoadedModel], dict[str, tupl
     return models, adapters
 
 
-def model_info(name: str, loaded: LoadedModel) -> ModelInfo:
+def model_info(name: str, loaded: LoadedModel, chat_template: str | None = None) -> ModelInfo:
+    """What the client and routes know of a served model; chat_template overrides the tokenizer's."""
     tokenizer = loaded.served.tokenizer
     return ModelInfo(
         name=name,
@@ -209,7 +212,7 @@ def model_info(name: str, loaded: LoadedModel) -> ModelInfo:
         dtype=loaded.dtype,
         quantization=loaded.quantization,
         device=str(loaded.served.model.device),
-        chat_template=tokenizer.chat_template,
+        chat_template=chat_template or tokenizer.chat_template,
         bos_token=tokenizer.bos_token,
         eos_token=tokenizer.eos_token,
     )
@@ -250,6 +253,7 @@ def build_client(settings: Settings, observer: RequestObserver, on_step=None) ->
         max_stop_chars=settings.max_stop_chars,
         request_timeout_s=settings.request_timeout_s,
     )
-    infos = {name: (loaded.served, model_info(name, loaded)) for name, loaded in models.items()}
+    template = settings.chat_template_text()
+    infos = {name: (loaded.served, model_info(name, loaded, template)) for name, loaded in models.items()}
     engine.start()
     return EngineClient(engine, infos, catalog, config, observer)

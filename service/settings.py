@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -40,10 +40,14 @@ class Settings(BaseSettings):
     # Cap on prompt + output tokens per sequence; the model's max_position_embeddings is the other cap.
     # It sizes the KV cache (max_batch_size x max_model_len tokens per model).
     max_model_len: int = Field(2048, ge=8)
-    # Speculative decoding: target model -> draft model (both served, same tokenizer). Serving the demo zoo
-    # with no drafts configured, the student drafts for the teacher.
+    # Speculative decoding: target model -> draft model (both served, same tokenizer), or "ngram" (prompt
+    # lookup). Serving the demo zoo with no drafts configured, its DistillSpec draft drafts for the teacher.
     drafts: dict[str, str] = Field(default_factory=dict)
-    num_draft_tokens: int = Field(4, ge=1, le=16)  # k: tokens the draft proposes per verification
+    # k: tokens proposed per verification (3: the demo draft's best in `bench speculative`; n-gram likes 4-8)
+    num_draft_tokens: int = Field(3, ge=1, le=16)
+    # A Jinja chat template for every served model instead of its tokenizer's (vLLM's --chat-template): the
+    # template itself, or the path of a file holding it.
+    chat_template: str | None = None
 
     # ---- engine and backpressure ----
     max_batch_size: int = Field(32, ge=1)  # sequences decoding at once per model (KV cache slots)
@@ -52,9 +56,9 @@ class Settings(BaseSettings):
     # slot per sequence took); max_batch_size is the most sequences running at once (vLLM's max_num_seqs).
     kv_cache_tokens: int | None = Field(None, ge=16)
     kv_block_size: int = Field(16, ge=1, le=1024)  # tokens per KV block
-    # Decode steps of base-model rows run as one torch.compile'd graph per batch-size bucket
+    # Decode steps (adapter rows included) run as one torch.compile'd graph per batch-size bucket
     # (models/decode_graph.py), compiled before /ready turns 200. Off by default on CPU: it measured
-    # 1.3-2x faster per token but costs a warm-up of seconds per bucket and model (README, "Speed").
+    # 1.2-2x faster per token but costs a warm-up of seconds per bucket and model (README, Measured results).
     compile_decode: bool = False
     # Where Inductor keeps compiled code across restarts (TORCHINDUCTOR_CACHE_DIR); None: torch's default
     # (/tmp/torchinductor_<user>). Point it at a volume to keep a warm cache across container restarts.
@@ -137,6 +141,21 @@ class Settings(BaseSettings):
         """Set the environment variables torch reads (this module is the one that touches the environment)."""
         if self.compile_cache_dir is not None:
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(self.compile_cache_dir.resolve())
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template_or_file(cls, value: str | None) -> str | None:
+        if value is not None and "{" not in value and not Path(value).is_file():
+            raise ValueError(f"chat_template {value!r} is neither a Jinja template nor a file")
+        return value
+
+    def chat_template_text(self) -> str | None:
+        """`chat_template` read from its file when it names one, else as given (None: the tokenizers')."""
+        if self.chat_template is None:
+            return None
+        if "{" not in self.chat_template:  # a file (checked when the settings were made)
+            return Path(self.chat_template).read_text(encoding="utf-8")
+        return self.chat_template
 
     @property
     def effective_adapter_roots(self) -> list[Path]:

@@ -16,6 +16,8 @@ Stages, in order (each skipped when its directory already has a card.json, unles
    (code domain) and ``moe-english`` (English domain), both measured in held-out bits per byte.
 8. ``student-int8/``: the student quantized to int8 and saved in the quantized layout, no training
    (`training.quantize_stage`); served with the others.
+9. ``draft/``: the teacher's speculative draft: the student's first layer distilled on the teacher's own
+   greedy outputs (DistillSpec, `training.draft_stage`); serve it with ``--draft teacher=<out>/draft``.
 
 Stages 2-6 are declared once, as rows of `MODEL_STAGES` (shape, preset stage, teacher, control of which
 model), all trained by `train_model`; adapters are `train_adapter`, one per `AdapterJob`. What every
@@ -41,7 +43,7 @@ import torch
 
 from models.checkpoint import load_model
 from models.decoder import CausalLM
-from training import data, evaluate, quantize_stage, tasks
+from training import data, draft_stage, evaluate, quantize_stage, tasks
 from training.build_context import (
     Context,
     export,
@@ -315,6 +317,8 @@ def build_zoo(preset: str, out_dir: str, force: bool) -> None:
     cards[quantize_stage.NAME] = _stage(
         q_dir, force, runs / quantize_stage.NAME, lambda: quantize_stage.build_student_int8(ctx, q_dir)
     )
+    d_dir = out / draft_stage.NAME  # the teacher's speculative draft (training/draft_stage.py: DistillSpec)
+    cards[draft_stage.NAME] = _stage(d_dir, force, runs / draft_stage.NAME, lambda: draft_stage.build_draft(ctx, d_dir))
     write_summary(out, p, cards, time.perf_counter() - t0, ctx)
 
 

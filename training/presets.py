@@ -55,6 +55,25 @@ class AdapterJob:
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
+@dataclass(frozen=True)
+class DraftSpec:
+    """The speculative draft's data and training (training/draft_stage.py: DistillSpec on the teacher's outputs)."""
+
+    num_layers: int = 1  # layers kept from the student
+    prompt_len: int = 32  # longest corpus prompt before each teacher continuation
+    min_prompt_len: int = 4  # shortest (each row's length is drawn between the two)
+    gen_len: int = 64  # teacher tokens generated per prompt
+    num_sequences: int = 1024  # training sequences (a held-out eighth measures agreement)
+    generate_batch: int = 128
+    temperature: float = 1.0  # KD temperature: agreement on the argmax wants the sharp distribution
+    alpha: float = 0.5  # KD weight (the rest: CE on the teacher's greedy tokens)
+    stage: Stage = field(
+        default_factory=lambda: Stage(
+            steps=400, batch_size=32, lr=2e-3, warmup=30, eval_interval=0, weight_decay=0.0, max_seconds=150
+        )
+    )
+
+
 @dataclass
 class Preset:
     name: str
@@ -83,6 +102,7 @@ class Preset:
     router_aux_coef: float = 0.01
     router_z_coef: float = 1e-3
     distill: DistillSpec = field(default_factory=DistillSpec)
+    draft: DraftSpec = field(default_factory=DraftSpec)
     domain_weights: dict[str, float] = field(default_factory=lambda: {"code": 0.7, "english": 0.3})
     val_fraction: float = 0.1
     seed: int = 0
@@ -122,6 +142,14 @@ PRESETS: dict[str, Preset] = {
         task_train_examples=200,
         task_test_examples=20,
         teacher_mup_base_width=32,
+        draft=DraftSpec(
+            prompt_len=16,
+            min_prompt_len=2,
+            gen_len=16,
+            num_sequences=64,
+            generate_batch=32,
+            stage=Stage(steps=10, batch_size=8, lr=3e-3, warmup=2, eval_interval=0, weight_decay=0.0),
+        ),
     ),
     "demo": Preset(
         name="demo",

@@ -82,8 +82,9 @@ class ModelRunner:
         compiled_decode: CompiledDecode | None = None,
     ) -> None:
         self.model = model
-        # Decode forwards go through the compiled graph when there is one (adapter rows too, when it
-        # has the model's adapter registry); prefill and speculative verification stay eager.
+        # Forwards of short chunks go through the compiled graph when there is one (decode rows, speculative
+        # verification, a draft's catch-up; adapter rows too, when it has the model's adapter registry);
+        # prompts longer than its chunk limit, and batches beyond its buckets, run eager.
         self.compiled_decode = compiled_decode
         self.cache = cache
         self.device = model.device
@@ -145,15 +146,10 @@ class ModelRunner:
         """One cached forward over rows of new tokens, each row's KV in the blocks its table lists.
         Returns logits (B, V) at each row's last new token, or (B, T, V) at every position with
         all_positions, and the (layers, E) expert counts (MoE)."""
-        longest = max(len(t) for t in tokens)
         compiled = self.compiled_decode
-        if (
-            compiled is not None
-            and longest == 1
-            and not all_positions
-            and compiled.accepts(len(tokens), block_tables, adapters)
-        ):
-            return compiled.run([t[0] for t in tokens], block_tables, context_lens, adapters)
+        if compiled is not None and compiled.accepts(tokens, block_tables, adapters):
+            return compiled.run_chunks(tokens, block_tables, context_lens, adapters, all_positions)
+        longest = max(len(t) for t in tokens)
         batch = torch.tensor([row + [0] * (longest - len(row)) for row in tokens])  # (B, T) right-padded
         widest = max(len(t) for t in block_tables)
         tables = torch.tensor([t + [0] * (widest - len(t)) for t in block_tables])  # (B, nb) padded with block 0

@@ -24,6 +24,7 @@ from torch import Tensor
 from models import sampling
 from models.kv_cache import PagedKVCache
 from service.engine.block_manager import BlockManager, BlockTable
+from service.engine.compiled_decode import CompiledDecode
 from service.engine.runner import ModelRunner
 from service.engine.sequence import Sequence
 from service.engine.types import SamplingParams
@@ -63,9 +64,17 @@ class SpeculativeDecoder:
     blocks: BlockManager | None = None  # the draft's pool (no prefix caching: drafts are cheap to recompute)
 
     @classmethod
-    def build(cls, draft_model, num_blocks: int, block_size: int, config: SpeculativeConfig) -> SpeculativeDecoder:
+    def build(
+        cls, draft_model, num_blocks: int, block_size: int, config: SpeculativeConfig, compile_max_batch: int = 0
+    ) -> SpeculativeDecoder:
+        """compile_max_batch > 0: the draft's forwards (one token, or a short catch-up chunk, per sequence) run
+        through its own compiled decode graph, buckets up to that many tokens."""
         cache = PagedKVCache(draft_model.config, num_blocks, block_size, draft_model.dtype, draft_model.device)
-        return cls(ModelRunner(draft_model, cache), config, blocks=BlockManager(num_blocks, block_size, False))
+        compiled = None
+        if compile_max_batch > 0 and CompiledDecode.supports(draft_model):
+            compiled = CompiledDecode(draft_model, cache, compile_max_batch)
+        runner = ModelRunner(draft_model, cache, compiled_decode=compiled)
+        return cls(runner, config, blocks=BlockManager(num_blocks, block_size, False))
 
     def release(self, seq: Sequence) -> None:
         state = self.states.pop(id(seq), None)

@@ -89,19 +89,26 @@ class ModelWorker:
                 spec_config.num_draft_tokens + 1, config.block_size
             )
             self.speculative = SpeculativeDecoder.build(
-                served.draft_model, draft_blocks, config.block_size, spec_config
+                served.draft_model,
+                draft_blocks,
+                config.block_size,
+                spec_config,
+                compile_max_batch=config.max_batch_size if config.compile_decode else 0,
             )
         self.scheduler = Scheduler(config, self.blocks, served.max_model_len, self._lookahead, self._on_preempt)
         self._prefix_queries = self._prefix_hits = self._preemptions = 0
         self.compile_seconds = 0.0  # compiled-decode warm-up of this process (0: none)
 
     def warm_up(self) -> None:
-        """Compile the decode graphs (a no-op without compiled decode); logs progress and the time it took."""
-        compiled = self.runner.compiled_decode
-        if compiled is not None and not compiled.warm:
-            name = self.served.name
-            self.compile_seconds = compiled.warm_up(lambda message: log.info("%s: %s", name, message))
-            log.info("%s: compiled decode ready in %.1f s", name, self.compile_seconds)
+        """Compile the decode graphs, the draft's too (a no-op without compiled decode); logs progress and time."""
+        graphs = [(self.served.name, self.runner.compiled_decode)]
+        if self.speculative is not None and self.speculative.draft is not None:  # a draft model (not n-gram)
+            graphs.append((f"{self.served.name} (draft)", self.speculative.draft.compiled_decode))
+        for name, compiled in graphs:
+            if compiled is not None and not compiled.warm:
+                seconds = compiled.warm_up(lambda message, name=name: log.info("%s: %s", name, message))
+                self.compile_seconds += seconds
+                log.info("%s: compiled decode ready in %.1f s", name, seconds)
 
     @property
     def has_work(self) -> bool:

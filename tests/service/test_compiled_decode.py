@@ -7,6 +7,9 @@ Every equality test of the compiled path lives here, so CI pays its compile time
 - its fused q/k/v and gate/up weights are views: the model's projections share their storage;
 - an engine with `compile_decode` gives `peft`'s / `transformers`' greedy tokens for base and adapter
   rows mixed (adapter rows go eager), compiles before it starts, and runs its decode steps compiled;
+- speculative decoding with compiled decode (verification chunks and the draft's steps in the graphs,
+  one decode row per token) gives the target's own greedy tokens, with a perfect, a random and an
+  n-gram draft;
 - int8 models are not compiled (they serve eager).
 """
 
@@ -195,3 +198,40 @@ def test_moe_engine_with_compiled_decode_equals_transformers(tmp_path):
             assert tokens(events[f"r{i}"]) == peft_greedy(hf, prompt, 8), f"request {i}"
     finally:
         engine.stop()
+
+
+@pytest.mark.parametrize("draft_kind", ["perfect", "random", "ngram"])
+def test_speculative_engine_with_compiled_decode_equals_the_target_alone(draft_kind):
+    """A perfect draft (the target itself) is always accepted, so the draft catches up on two tokens per round;
+    a random one is mostly rejected; n-gram drafts come from the prompt. Every verification chunk (k + 1 tokens)
+    runs in the target's graph as k + 1 decode rows."""
+    from models import SamplingConfig, generate
+    from service.engine import GenerationRequest, SamplingParams
+    from tests.service.engine_fixtures import tiny_model, tiny_tokenizer
+    from tests.service.test_speculative import run as run_requests
+    from tests.service.test_speculative import spec_engine
+
+    tokenizer = tiny_tokenizer()
+    target = tiny_model(tokenizer.vocab_size, seed=1)
+    draft = {"perfect": target, "random": tiny_model(tokenizer.vocab_size, seed=2), "ngram": None}[draft_kind]
+    method = "ngram" if draft_kind == "ngram" else "draft"
+    engine = spec_engine(target, draft, tokenizer, k=3, method=method, compile_decode=True)
+    try:
+        compiled = engine.workers["t"].runner.compiled_decode
+        chunks = []
+        run_chunks = compiled.run_chunks
+        compiled.run_chunks = lambda tokens, *rest: chunks.append(max(map(len, tokens))) or run_chunks(tokens, *rest)
+        # Two at once: 2 x (k + 1) = 8 verification tokens, within the graph's chunk limit.
+        prompts = [tokenizer.encode(t) for t in ["hello world hello world", "the lazy dog"]]
+        params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+        requests = [GenerationRequest(f"r{i}", "t", p, params) for i, p in enumerate(prompts)]
+        out, stats = run_requests(engine, requests)
+    finally:
+        engine.stop()
+    for r in requests:
+        assert out[r.request_id] == generate(target, [r.prompt_ids], SamplingConfig(max_new_tokens=16))[0]
+    assert sum(s.spec_draft_tokens for s in stats) > 0
+    assert max(chunks) >= 2, "no verification chunk ran compiled"
+    if draft_kind == "perfect":
+        assert sum(s.spec_accepted_tokens for s in stats) == sum(s.spec_draft_tokens for s in stats)
+        assert engine.workers["t"].speculative.draft.compiled_decode.warm

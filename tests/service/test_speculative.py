@@ -7,7 +7,7 @@ import threading
 import torch
 
 from models import SamplingConfig, generate
-from service.engine import Engine, EngineConfig, GenerationRequest, SamplingParams, ServedModel
+from service.engine import Engine, EngineConfig, GenerationRequest, SamplingParams, SchedulerConfig, ServedModel
 from service.engine.detokenizer import IncrementalDetokenizer
 from service.engine.sampler import RequestGenerator
 from service.engine.sequence import Sequence
@@ -35,8 +35,8 @@ def run(engine, requests):
     return out, stats
 
 
-def spec_engine(target, draft, tokenizer, k=3):
-    engine = Engine(EngineConfig())
+def spec_engine(target, draft, tokenizer, k=3, method="draft", compile_decode=False):
+    engine = Engine(EngineConfig(SchedulerConfig(compile_decode=compile_decode, max_batch_size=8)))
     engine.add_model(
         ServedModel(
             "t",
@@ -44,7 +44,7 @@ def spec_engine(target, draft, tokenizer, k=3):
             tokenizer,
             max_model_len=96,
             draft_model=draft,
-            speculative=SpeculativeConfig(num_draft_tokens=k),
+            speculative=SpeculativeConfig(num_draft_tokens=k, method=method),
         )
     )
     engine.start()

@@ -11,7 +11,7 @@ from models.tokenizer import TextTokenizer
 from training.build import build_zoo
 from training.lora import LoraSpec, apply_lora, load_adapter_weights
 
-MODELS = ["teacher", "student", "moe", "controls/student-scratch", "controls/moe-dense"]
+MODELS = ["teacher", "student", "moe", "controls/student-scratch", "controls/moe-dense", "draft"]
 MODEL_FILES = [
     "config.json",
     "model.safetensors",
@@ -56,6 +56,8 @@ def test_tiny_build_is_fast_and_complete(zoo):
         assert (out / "adapters" / name / "adapter_config.json").is_file()
         assert (out / "adapters" / name / "adapter_model.safetensors").is_file()
     assert "expert_load_val" in json.loads((out / "moe" / "card.json").read_text())["router"]
+    draft = json.loads((out / "draft" / "card.json").read_text())
+    assert draft["layers"] == 1 and 0 <= draft["greedy_agreement_with_teacher"]["draft"] <= 1
     # A second build skips everything.
     start = time.perf_counter()
     build_zoo("tiny", str(out), force=False)
