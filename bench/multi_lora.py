@@ -90,7 +90,7 @@ class MultiLoRABenchConfig:
 
     @property
     def num_adapters(self) -> int:
-        return max(self.requests, *self.curve_adapters)
+        return max((self.requests, *self.curve_adapters))
 
 
 TINY = MultiLoRABenchConfig(
