@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import time
 from collections.abc import Callable
@@ -177,6 +178,14 @@ def train_model(ctx: Context, spec: ModelStage, directory: Path, cards: dict[str
     return write_card(directory, card)
 
 
+def train_draft(ctx: Context, directory: Path) -> dict:
+    """The teacher's speculative draft (`training.draft_stage`), exported with a model card like the others."""
+    t0 = time.perf_counter()
+    draft, record, fields = draft_stage.distil_draft(ctx)
+    export(ctx, draft, directory)
+    return write_card(directory, _model_card(ctx, draft_stage.NAME, draft, record, draft_stage.SUMMARY, t0) | fields)
+
+
 def _training_fields(record: RunRecord, t0: float) -> dict:
     """The card fields every trained artifact shares: what its run consumed."""
     return {
@@ -209,7 +218,7 @@ def _model_card(ctx: Context, name: str, model: CausalLM, record: RunRecord, sum
         **_training_fields(record, t0),
         "stopped_early": record.stopped_early,
         "hit_time_limit": record.hit_time_limit,
-        "best_val_loss": round(record.best_val_loss, 4),
+        "best_val_loss": None if math.isnan(record.best_val_loss) else round(record.best_val_loss, 4),  # no evals
         **lm_metrics(ctx, model),
         "corpus": f"stdlib code + pydoc topics ({ctx.fingerprint})",
         "seq_len": ctx.preset.seq_len,
@@ -318,7 +327,7 @@ def build_zoo(preset: str, out_dir: str, force: bool) -> None:
         q_dir, force, runs / quantize_stage.NAME, lambda: quantize_stage.build_student_int8(ctx, q_dir)
     )
     d_dir = out / draft_stage.NAME  # the teacher's speculative draft (training/draft_stage.py: DistillSpec)
-    cards[draft_stage.NAME] = _stage(d_dir, force, runs / draft_stage.NAME, lambda: draft_stage.build_draft(ctx, d_dir))
+    cards[draft_stage.NAME] = _stage(d_dir, force, runs / draft_stage.NAME, lambda: train_draft(ctx, d_dir))
     write_summary(out, p, cards, time.perf_counter() - t0, ctx)
 
 

@@ -21,9 +21,7 @@ this draft and for the student, so the gain is measured where it is made.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import asdict
-from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -31,9 +29,8 @@ from torch import Tensor
 from models import load_model
 from models.decoder import CausalLM
 from models.generate import SamplingConfig, generate
-from training.build_context import Context, export, kd_loss_fn, lm_metrics, train_config
-from training.cards import write_card
-from training.loop import train
+from training.build_context import Context, kd_loss_fn, train_config
+from training.loop import RunRecord, train
 from training.losses import IGNORE
 from training.presets import DraftSpec
 
@@ -102,10 +99,16 @@ def agreement(model: CausalLM, sequences: Tensor, prompt_lens: Tensor) -> float:
     return matches / total
 
 
-def build_draft(ctx: Context, directory: Path) -> dict:
-    """Generate the teacher's outputs, distil the layer-dropped student on them, export, write the card."""
+SUMMARY = (
+    "Speculative draft for the teacher: the student's first layer, distilled on the teacher's greedy outputs "
+    "(DistillSpec). Serve with `--draft teacher=artifacts/draft`."
+)
+
+
+def distil_draft(ctx: Context) -> tuple[CausalLM, RunRecord, dict]:
+    """Generate the teacher's outputs and distil the layer-dropped student on them. Returns the draft, its
+    run record and the card fields this stage adds (its spec and the measured agreement)."""
     spec = ctx.preset.draft
-    t0 = time.perf_counter()
     teacher = load_model(ctx.out / "teacher").eval()
     student = load_model(ctx.out / "student").eval()
     sequences, prompt_lens = teacher_sequences(ctx, teacher, spec)
@@ -119,18 +122,8 @@ def build_draft(ctx: Context, directory: Path) -> dict:
         draft, kd_loss_fn(teacher, spec.temperature, spec.alpha), batches, train_config(ctx, NAME, spec.stage)
     )
     draft.eval()
-    export(ctx, draft, directory)
-    card = {
-        "name": NAME,
-        "summary": "Speculative draft for the teacher: the student's first layer, distilled on the teacher's "
-        "greedy outputs (DistillSpec). Serve with `--draft teacher=artifacts/draft`.",
-        "parameters": draft.config.num_parameters()["total"],
+    fields = {
         "layers": draft.config.num_hidden_layers,
-        "training_tokens": record.tokens,
-        "training_steps": record.steps,
-        "training_seconds": round(record.seconds, 1),
-        "build_seconds": round(time.perf_counter() - t0, 1),
-        **lm_metrics(ctx, draft),
         "draft_spec": {k: v for k, v in asdict(spec).items() if k != "stage"},
         "greedy_agreement_with_teacher": {
             "draft": round(agreement(draft, *test), 4),
@@ -138,8 +131,6 @@ def build_draft(ctx: Context, directory: Path) -> dict:
             "student": round(agreement(student, *test), 4),
             "held_out_positions": int(generated_positions(test[1], sequences.shape[1]).sum()),
         },
-        "command": ctx.command,
-        "log": f"_runs/{NAME}/log.json",
     }
-    log.info("draft: agreement with the teacher %s", card["greedy_agreement_with_teacher"])
-    return write_card(directory, card)
+    log.info("draft: agreement with the teacher %s", fields["greedy_agreement_with_teacher"])
+    return draft, record, fields

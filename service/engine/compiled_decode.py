@@ -103,6 +103,8 @@ class CompiledDecode:
         tokens (speculative verification) is k + 1 decode rows in one graph call.
         Returns logits (B, V) at each row's last token, or (B, T, V) at every position with all_positions,
         and the MoE expert counts (layers, E) or None."""
+        if len(tokens) == sum(len(t) for t in tokens) and not all_positions:  # plain decode: one token a row
+            return self.run([t[0] for t in tokens], block_tables, context_lens, adapters)
         flat_tokens: list[int] = []
         flat_tables: list[list[int]] = []
         flat_contexts: list[int] = []
