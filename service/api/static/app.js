@@ -290,7 +290,7 @@
     out.classList.remove("error"); out.textContent = `${action}ing ${name}…`;
     try {
       const resp = await fetch(`/v1/${action}_lora_adapter`, { method: "POST", headers: headers(true), body: JSON.stringify(body) });
-      if (!resp.ok) { out.classList.add("error"); out.textContent = await errorOf(resp); return; }
+      if (!resp.ok) { const message = await errorOf(resp); out.classList.add("error"); out.textContent = message; return; }
       const text = await resp.text();
       out.textContent = `${action}ed ${name}: ${text.slice(0, 300)}`;
       loadModels();
