@@ -8,6 +8,9 @@ each, but with no data-dependent shape, no `.item()` and no Python branching on 
   the table's blocks; the mask comes from positions by arithmetic;
 - attention for one query is written out as products and sums, so the compiler fuses the block gather
   into them (keys and values are read in place from the pool);
+- rotary cos/sin come from a table computed once by the model's own rotary module (positions below
+  `rotary_positions`), not from cos/sin in the graph: the compiler inlines q's rotation into the
+  attention-score loop, where cos/sin per key would cost more than the rest of attention;
 - q/k/v and gate/up run as one matmul each: `fuse_projections` makes each group's weights views of one
   fused tensor, so the fused weight costs no memory and the eager model sees the same numbers;
 - MoE layers compute their top-k experts for every token from expert weights stacked (E, ...) the
@@ -92,10 +95,15 @@ def _fuse(linears: list[nn.Linear]) -> tuple[Tensor, Tensor | None]:
 class DecodeGraph(nn.Module):
     """The decode forward of a `CausalLM`, static shapes, one new token per row. See the module docstring."""
 
-    def __init__(self, model: CausalLM) -> None:
+    def __init__(self, model: CausalLM, rotary_positions: int) -> None:
         super().__init__()
         self.model = model
         self.config = model.config
+        # cos, sin (P, D) for positions 0..P-1, the same numbers the eager forward computes.
+        positions = torch.arange(min(rotary_positions, model.config.max_position_embeddings), device=model.device)
+        dtype = model.model.embed_tokens.weight.dtype
+        cos, sin = model.rotary(positions[None], dtype if dtype.is_floating_point else torch.float32)
+        self.rotary_cos, self.rotary_sin = cos[0], sin[0]
         self.qkv: list[tuple[Tensor, Tensor | None]] = []
         self.gate_up: list[Tensor] = []
         self.experts: list[tuple[Tensor, Tensor, Tensor]] = []  # per MoE layer: w1, w3 (E, I, H), w2 (E, H, I)
@@ -171,7 +179,7 @@ class DecodeGraph(nn.Module):
         block_size = k_cache[0].shape[1]
         length = nb * block_size
         x = self.model.model.embed_tokens(tokens)[:, None]  # (B, 1, H)
-        cos, sin = self.model.rotary(positions[:, None], x.dtype)  # (B, 1, D)
+        cos, sin = self.rotary_cos[positions][:, None], self.rotary_sin[positions][:, None]  # (B, 1, D)
         key_pos = torch.arange(length, device=tokens.device)  # (L,)
         allowed = key_pos[None, :] <= positions[:, None]  # (B, L)
         if config.sliding_window is not None:

@@ -76,7 +76,8 @@ def test_decode_graph_equals_the_eager_forward(tmp_path, family, window, lengths
     cache = PagedKVCache(model.config, num_blocks=64, block_size=16)
     tables, next_tokens = prefill(model, cache, lengths, seed=len(lengths))
     want = eager_decode(model, cache, tables, lengths, next_tokens)
-    graph = DecodeGraph(model)  # fuses the weights in place: the eager model must still agree after it
+    # Building the graph fuses the weights in place: the eager model must still agree after it.
+    graph = DecodeGraph(model, rotary_positions=64 * 16)
     # Rerun the eager decode on a fresh copy of the cache state (it rewrites the same slots).
     again = eager_decode(model, cache, tables, lengths, next_tokens)
     torch.testing.assert_close(again, want)
@@ -105,7 +106,7 @@ def test_decode_graph_equals_the_eager_forward(tmp_path, family, window, lengths
 def test_fused_projections_share_storage_with_the_model(tmp_path):
     save_hf_model("llama", tmp_path / "m")
     model = load_model(tmp_path / "m")
-    graph = DecodeGraph(model)
+    graph = DecodeGraph(model, rotary_positions=16)
     attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
     fused_qkv, fused_gate_up = graph.qkv[0][0], graph.gate_up[0]
     assert attn.q_proj.weight.data_ptr() == fused_qkv.data_ptr()
