@@ -29,13 +29,13 @@ from bench.serving import (
     TINY_DENSE,
     EngineHarness,
     RunResult,
+    bench_scheduler,
     interleaved,
     median_run,
     model_or_random,
     random_prompts,
     served,
 )
-from service.engine import SchedulerConfig
 
 NAME = "batching"
 SEQUENTIAL = "sequential batch-1"
@@ -130,7 +130,7 @@ def run(tiny: bool, out_dir: Path) -> dict[str, Path]:
         source = model_or_random("student", TINY_DENSE if tiny else DENSE, Path(tmp), config.seed, tiny)
         model = served(source, config.prompt_lens[1] + config.max_tokens, "base")
         prompts = random_prompts(config.requests, model.model.config.vocab_size, config.prompt_lens, config.seed)
-        harness = EngineHarness([model], SchedulerConfig(max_batch_size=max(config.concurrency)))
+        harness = EngineHarness([model], bench_scheduler(max_batch_size=max(config.concurrency)))
         fns = {SEQUENTIAL: lambda: harness.run("base", prompts, [None] * len(prompts), config.max_tokens, True)}
         for c in config.concurrency:
             fns[f"concurrent {c}"] = lambda c=c: harness.run("base", prompts[:c], [None] * c, config.max_tokens)

@@ -53,6 +53,7 @@ from bench.serving import (
     LLAMA_512x8,
     ModelSource,
     RunResult,
+    bench_scheduler,
     interleaved,
     median_run,
     random_model,
@@ -63,7 +64,6 @@ from bench.serving import (
     zoo_model,
 )
 from models import AttentionMetadata, CausalLM, KVCache
-from service.engine import SchedulerConfig
 
 NAME = "decode"
 # Issue 14's batch-1 targets per model (the others: DecodeBenchConfig.target_speedup).
@@ -268,9 +268,9 @@ def run(tiny: bool, out_dir: Path) -> dict[str, Path]:
         max_len = config.prompt_len + config.max_tokens
         # The engine as served (decode compiled; batch-1 runs need only the size-1 graph) and its eager path.
         harness = EngineHarness(
-            [served(m, max_len) for m in models], SchedulerConfig(compile_decode=True, max_batch_size=1)
+            [served(m, max_len) for m in models], bench_scheduler(compile_decode=True, max_batch_size=1)
         )
-        eager = EngineHarness([served(m, max_len) for m in models], SchedulerConfig(max_batch_size=1))
+        eager = EngineHarness([served(m, max_len) for m in models], bench_scheduler(max_batch_size=1))
         peers = {m.name: load_hf(m.directory) for m in models}
         fns = {}
         for m in models:

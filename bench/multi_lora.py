@@ -47,6 +47,7 @@ from bench.serving import (
     LLAMA_512x8,
     ModelSource,
     RunResult,
+    bench_scheduler,
     interleaved,
     make_peft_adapters,
     median_run,
@@ -57,7 +58,6 @@ from bench.serving import (
     time_blocks,
 )
 from models import AttentionMetadata, KVCache
-from service.engine import SchedulerConfig
 
 NAME = "multi_lora"
 log = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ def build(config: MultiLoRABenchConfig, workdir: Path, source: ModelSource | Non
     for i, directory in enumerate(adapters):
         registry.load(f"lora{i:02d}", directory)
     batch = max(config.requests, config.curve_requests)
-    scheduler = SchedulerConfig(max_batch_size=batch, max_waiting=2 * batch, compile_decode=config.compile_decode)
+    scheduler = bench_scheduler(max_batch_size=batch, max_waiting=2 * batch, compile_decode=config.compile_decode)
     return Setup(source, adapters, EngineHarness(models, scheduler), registry)
 
 

@@ -41,6 +41,7 @@ from bench.serving import (
     ZOO,
     EngineHarness,
     ModelSource,
+    bench_scheduler,
     interleaved,
     random_model,
     random_prompts,
@@ -48,7 +49,7 @@ from bench.serving import (
 )
 from models import CausalLM, SamplingConfig, TextTokenizer, generate, load_model, save_model
 from models.quantization import weight_bytes
-from service.engine import SchedulerConfig, ServedModel
+from service.engine import ServedModel
 
 NAME = "quantization"
 # int8: int8 weights, float32 activations (what `--quantization int8` serves on a CPU by default);
@@ -161,7 +162,7 @@ def decode_runs(models: dict[str, CausalLM], source: ModelSource, config: QuantB
         ServedModel(variant, model, tokenizer, max_len, tuple(model.config.eos_token_ids))
         for variant, model in models.items()
     ]
-    harness = EngineHarness(served, SchedulerConfig(max_batch_size=max(config.batch, 1)))
+    harness = EngineHarness(served, bench_scheduler(max_batch_size=max(config.batch, 1)))
     vocab = source.config.vocab_size
     one = random_prompts(1, vocab, (config.prompt_len,) * 2, config.seed)
     many = random_prompts(config.batch, vocab, (config.prompt_len,) * 2, config.seed + 1)

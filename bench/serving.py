@@ -137,6 +137,13 @@ def model_or_random(zoo_name: str, shape: ModelShape, workdir: Path, seed: int, 
     return found or random_model(zoo_name, shape, workdir, seed)
 
 
+def bench_scheduler(**settings: Any) -> SchedulerConfig:
+    """The engine's scheduler for a benchmark: prefix caching off unless asked for. Benchmarks send the same
+    prompts round after round; with the cache on, every round after the first would skip the prefills that
+    the peer (`transformers`, or the other variant) pays for. Only `prefix_cache` measures caching."""
+    return SchedulerConfig(**{"enable_prefix_caching": False, **settings})
+
+
 def served(
     source: ModelSource, max_model_len: int, name: str | None = None, adapters: RegistryConfig | None = None
 ) -> ServedModel:

@@ -31,10 +31,10 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from bench.common import write_report
+from bench.serving import bench_scheduler
 from models import ModelConfig, TextTokenizer, load_model
 from models.decoder import CausalLM
 from service.engine import Engine, EngineConfig, GenerationRequest, SamplingParams, ServedModel
-from service.engine.scheduler import SchedulerConfig
 from service.engine.speculative import SpeculativeConfig
 
 NAME = "speculative"
@@ -141,7 +141,7 @@ def make_engine(
     """The teacher alone, with a draft model, or with n-gram speculation; compiled: the engine's compiled decode
     (verification and the draft's steps run in the compiled graphs too)."""
     stats: list = []
-    scheduler = SchedulerConfig(compile_decode=compiled, max_batch_size=8 if compiled else 32)
+    scheduler = bench_scheduler(compile_decode=compiled, max_batch_size=8 if compiled else 32)
     engine = Engine(EngineConfig(scheduler), on_step=stats.append)
     spec = SpeculativeConfig(num_draft_tokens=k) if draft is not None else None
     if ngram:

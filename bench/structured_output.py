@@ -206,7 +206,8 @@ def refusals(lib: GrammarLib, tokenizer: TextTokenizer, compiled: Any) -> dict[s
 
 # ---- part 2: the engine, plain vs guided (the chosen library) ----
 def engine_overhead(tokenizer: TextTokenizer, config: StructuredConfig) -> dict[str, Any]:
-    from service.engine import Engine, EngineConfig, GenerationRequest, SamplingParams, SchedulerConfig, ServedModel
+    from bench.serving import bench_scheduler
+    from service.engine import Engine, EngineConfig, GenerationRequest, SamplingParams, ServedModel
     from service.engine.guided import GuidedSpec, prepare
 
     torch.manual_seed(0)
@@ -219,7 +220,7 @@ def engine_overhead(tokenizer: TextTokenizer, config: StructuredConfig) -> dict[
         num_key_value_heads=2,
         max_position_embeddings=512,
     )
-    engine = Engine(EngineConfig(scheduler=SchedulerConfig(max_batch_size=config.engine_batch)))
+    engine = Engine(EngineConfig(scheduler=bench_scheduler(max_batch_size=config.engine_batch)))
     eos = (tokenizer.eos_token_id,)
     engine.add_model(ServedModel("bench", CausalLM(model_config).eval(), tokenizer, 512, eos_token_ids=eos))
     engine.start()

@@ -14,6 +14,10 @@ thread on every side. Variants, interleaved round by round after a warm-up round
 - engine in-process, eager: the same with `compile_decode` off.
 
 tokens/s = 32 x 64 / wall seconds from the first request (or the generate call) to the last token.
+The floor (`gemm floor` row): the model's own weight products alone, in the same process with the same
+thread, for the same work done the cheapest way (every prompt token in one product, then 64 steps of
+32 rows); no engine on this CPU with torch's matrix products can be faster, so static / floor is the
+largest ratio to the static batch any engine could reach here.
 The prompts' ids come from the server's own `/tokenize`, so every side feeds the same ids; greedy
 outputs are compared with `transformers`' (identical requests counted).
 Targets (issue 14): HTTP >= 1.5x the static batch; HTTP >= 0.9x the same requests in-process.
@@ -32,14 +36,16 @@ from typing import Any
 
 import httpx
 import torch
+import torch.nn.functional as F
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from bench.common import start_service, write_report
+from bench.decode import matvec_weights
 from bench.peers import compare_outputs, load_hf
-from bench.serving import TINY_DENSE, EngineHarness, LLAMA_512x8, random_model, random_prompts, served
+from bench.serving import TINY_DENSE, EngineHarness, LLAMA_512x8, bench_scheduler, random_model, random_prompts, served
+from models.checkpoint import load_model
 from models.tokenizer import TextTokenizer
-from service.engine import SchedulerConfig
 
 NAME = "throughput"
 log = logging.getLogger(__name__)
@@ -110,7 +116,7 @@ def run(tiny: bool, out_dir: Path) -> dict[str, Path]:
         ids = random_prompts(n, source.config.vocab_size, config.prompt_lens, config.seed)
         texts = [" ".join(f"w{i}" for i in prompt) for prompt in ids]
         tokenizer = TextTokenizer.load(source.directory)
-        settings = {"torch_threads": 1, "log_level": "warning", "max_batch_size": n}
+        settings = {"torch_threads": 1, "log_level": "warning", "max_batch_size": n, "enable_prefix_caching": False}
         settings["compile_decode"] = config.compile_decode
         process, url, _ = start_service(Path(tmp), settings, ["--model", f"m={source.directory}"], timeout=900)
         try:
@@ -119,12 +125,14 @@ def run(tiny: bool, out_dir: Path) -> dict[str, Path]:
             harnesses = {
                 compiled: EngineHarness(
                     [served(source, max_len, name="m")],
-                    SchedulerConfig(max_batch_size=n, compile_decode=compiled and config.compile_decode),
+                    bench_scheduler(max_batch_size=n, compile_decode=compiled and config.compile_decode),
                 )
                 for compiled in (True, False)
             }
             hf = load_hf(source.directory)
-            seconds: dict[str, list[float]] = {k: [] for k in ("static", "http", "compiled", "eager")}
+            floor_model = load_model(source.directory)
+            variants = ("static", "http", "compiled", "eager", "gemm floor")
+            seconds: dict[str, list[float]] = {k: [] for k in variants}
             outputs: dict[str, list] = {}
             with harnesses[True].running(), harnesses[False].running():
                 for rep in tqdm(range(config.warmup + config.reps), desc=NAME, unit="round"):
@@ -133,6 +141,7 @@ def run(tiny: bool, out_dir: Path) -> dict[str, Path]:
                         "http": lambda: asyncio.run(_http_batch(url, texts, max_tokens)),
                         "compiled": lambda: _inprocess(harnesses[True], prompts, max_tokens),
                         "eager": lambda: _inprocess(harnesses[False], prompts, max_tokens),
+                        "gemm floor": lambda: gemm_floor(floor_model, prompts, max_tokens),
                     }
                     for name, fn in timed.items():
                         took, outputs[name] = fn()
@@ -157,9 +166,11 @@ def run(tiny: bool, out_dir: Path) -> dict[str, Path]:
             "median_s": statistics.median(seconds[name]),
             "identical_to_transformers": compare_outputs(outputs[name], expected.get(name, outputs["static"]))[
                 "identical"
-            ],
+            ]
+            if outputs[name]  # the floor generates nothing
+            else None,
         }
-        for name in ("static", "http", "compiled", "eager")
+        for name in variants
     ]
     vs_static, http_vs_inprocess = rate["http"] / rate["static"], rate["http"] / rate["compiled"]
     verdict = {
@@ -169,18 +180,43 @@ def run(tiny: bool, out_dir: Path) -> dict[str, Path]:
         "http_vs_inprocess": http_vs_inprocess,
         "http_vs_inprocess_at_least": config.target_http_vs_inprocess,
         "met_http_vs_inprocess": http_vs_inprocess >= config.target_http_vs_inprocess,
+        "largest_ratio_at_gemm_floor": rate["gemm floor"] / rate["static"],
+        "http_share_of_floor_rate": rate["http"] / rate["gemm floor"],
     }
-    log.info("%s: HTTP %.2fx the static batch, %.2fx in-process", NAME, vs_static, http_vs_inprocess)
+    log.info(
+        "%s: HTTP %.2fx the static batch, %.2fx in-process; the GEMM floor is %.2fx the static batch",
+        NAME,
+        vs_static,
+        http_vs_inprocess,
+        verdict["largest_ratio_at_gemm_floor"],
+    )
     meta = {
         "config": asdict(config),
         "model": source.describe(),
         "target": verdict,
         "columns": "tokens_per_s = requests x max_tokens / median wall s; static = one padded transformers "
         "generate; http = modelserve serve (compiled decode) with all requests concurrent; compiled / eager = the "
-        "engine in this process with compile_decode on / off; identical_to_transformers = requests whose greedy "
-        "ids equal the static batch's",
+        "engine in this process with compile_decode on / off; gemm floor = the weights' matrix products alone for "
+        "the same tokens (see the module docstring); identical_to_transformers = requests whose greedy ids equal "
+        "the static batch's",
     }
     return write_report(NAME, rows, out_dir, plot, meta)
+
+
+def gemm_floor(model: Any, prompts: list[list[int]], max_tokens: int) -> tuple[float, list]:
+    """Seconds of the model's weight products alone: every prompt token in one product per weight, then
+    max_tokens steps of one row per request (no attention, norms, sampling or scheduling)."""
+    weights = matvec_weights(model)
+    prefill = {w.shape[1]: torch.randn(sum(len(p) for p in prompts), w.shape[1]) for w in weights}  # (N, in)
+    decode = {w.shape[1]: torch.randn(len(prompts), w.shape[1]) for w in weights}  # (B, in)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for weight in weights:
+            F.linear(prefill[weight.shape[1]], weight)
+        for _ in range(max_tokens):
+            for weight in weights:
+                F.linear(decode[weight.shape[1]], weight)
+    return time.perf_counter() - started, []
 
 
 def _inprocess(harness: EngineHarness, prompts: list[list[int]], max_tokens: int) -> tuple[float, list[list[int]]]:
@@ -195,6 +231,7 @@ def plot(fig: Figure, rows: list[dict[str, Any]]) -> None:
         "http": "modelserve\nover HTTP",
         "compiled": "engine in-process\n(compiled)",
         "eager": "engine in-process\n(eager)",
+        "gemm floor": "weight products\nalone (floor)",
     }
     ax.bar([labels[r["variant"]] for r in rows], [r["tokens_per_s"] for r in rows], color="tab:blue")
     for i, r in enumerate(rows):
