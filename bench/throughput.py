@@ -46,7 +46,6 @@ from bench.common import start_service, write_report
 from bench.decode import matvec_weights
 from bench.peers import compare_outputs, load_hf
 from bench.serving import TINY_DENSE, EngineHarness, LLAMA_512x8, bench_scheduler, random_model, random_prompts, served
-from models.checkpoint import load_model
 from models.tokenizer import TextTokenizer
 
 NAME = "throughput"
@@ -124,15 +123,15 @@ def run(tiny: bool, out_dir: Path) -> dict[str, Path]:
         try:
             prompts = tokenize(url, texts)
             max_len = max(len(p) for p in prompts) + max_tokens
+            engine_models = {compiled: served(source, max_len, name="m") for compiled in (True, False)}
             harnesses = {
                 compiled: EngineHarness(
-                    [served(source, max_len, name="m")],
-                    bench_scheduler(max_batch_size=n, compile_decode=compiled and config.compile_decode),
+                    [model], bench_scheduler(max_batch_size=n, compile_decode=compiled and config.compile_decode)
                 )
-                for compiled in (True, False)
+                for compiled, model in engine_models.items()
             }
             hf = load_hf(source.directory)
-            floor_model = load_model(source.directory)
+            floor_model = engine_models[False].model  # the eager engine's weights: the floor reads the same ones
             variants = ("static", "http", "compiled", "eager", "floor")
             seconds: dict[str, list[float]] = {k: [] for k in variants}
             outputs: dict[str, list] = {}

@@ -101,8 +101,7 @@ class DecodeGraph(nn.Module):
         self.config = model.config
         # cos, sin (P, D) for positions 0..P-1, the same numbers the eager forward computes.
         positions = torch.arange(min(rotary_positions, model.config.max_position_embeddings), device=model.device)
-        dtype = model.model.embed_tokens.weight.dtype
-        cos, sin = model.rotary(positions[None], dtype if dtype.is_floating_point else torch.float32)
+        cos, sin = model.rotary(positions[None], model.dtype)  # (1, P, D) each
         self.rotary_cos, self.rotary_sin = cos[0], sin[0]
         self.qkv: list[tuple[Tensor, Tensor | None]] = []
         self.gate_up: list[Tensor] = []

@@ -157,10 +157,10 @@ def resolve_drafts(settings: Settings, models: dict[str, LoadedModel]) -> dict[s
     the zoo predates it) drafting for the teacher."""
     if settings.drafts:
         return dict(settings.drafts)
-    for draft in ("draft", "student"):
-        if not settings.models and {"teacher", draft} <= set(models):
-            return {"teacher": draft}
-    return {}
+    if settings.models:  # models named explicitly: no demo default
+        return {}
+    draft = next((name for name in ("draft", "student") if {"teacher", name} <= set(models)), None)
+    return {"teacher": draft} if draft else {}
 
 
 def attach_drafts(models: dict[str, LoadedModel], drafts: dict[str, str], num_draft_tokens: int) -> None:
