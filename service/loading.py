@@ -230,6 +230,7 @@ def build_client(settings: Settings, observer: RequestObserver, on_step=None) ->
         settings.max_tokens_per_step,
         capacity,
         compile_decode=settings.compile_decode,
+        compile_autotune=settings.compile_autotune,
         block_size=settings.kv_block_size,
         kv_cache_tokens=settings.kv_cache_tokens,
         enable_prefix_caching=settings.enable_prefix_caching,

@@ -60,6 +60,11 @@ class Settings(BaseSettings):
     # (models/decode_graph.py), compiled before /ready turns 200. Off by default on CPU: it measured
     # 1.2-2x faster per token but costs a warm-up of seconds per bucket and model (README, Measured results).
     compile_decode: bool = False
+    # With compile_decode on a CPU: the graphs' matrix products use Inductor's C++ GEMM template where its
+    # autotuning measures it faster than MKL (weights frozen into the graphs, packed: memory for a second
+    # copy of the weights). Measured 1.6x faster per decode step on the teacher, but these graphs cannot be
+    # cached on disk: every start compiles them again (about 80 s for the teacher). README, Measured results.
+    compile_autotune: bool = False
     # Where Inductor keeps compiled code across restarts (TORCHINDUCTOR_CACHE_DIR); None: torch's default
     # (/tmp/torchinductor_<user>). Point it at a volume to keep a warm cache across container restarts.
     compile_cache_dir: Path | None = None

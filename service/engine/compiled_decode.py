@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 
 import torch
+import torch._inductor.config
 from torch import Tensor
 
 from adapters.registry import AdapterRegistry
@@ -45,6 +46,14 @@ MAX_TABLE_BLOCKS = 256
 # an eager forward of one row's chunk barely does (4.8 ms at 1 token, 5.7 at 5), so beyond about 8 the eager
 # forward is cheaper. Batches of one-token rows use every bucket.
 MAX_CHUNK_TOKENS = 8
+# Autotuned matrix products (CPU): Inductor benchmarks its C++ GEMM template against MKL for each product's
+# shape while compiling and keeps the faster. The template needs the weights as constants of the graph
+# (`freezing`), which it packs into its own blocked layout, one copy per graph that uses it. Inductor does
+# not store frozen graphs on disk (it bypasses its cache: "mkldnn tensors unpickleable"), so every start
+# compiles and tunes them again. AUTOTUNE_OPTIONS go to torch.compile: they make its backend differ from
+# the plain one's, so Dynamo never hands a plain graph to a tuned call or the reverse (both are entries of
+# DecodeGraph.forward's code); `freezing` is set around the compiling call (`options` does not carry it).
+AUTOTUNE_OPTIONS = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
 
 
 def batch_buckets(max_batch_size: int) -> list[int]:
@@ -60,16 +69,24 @@ class CompiledDecode:
     """Runs decode rows through the compiled graph of their batch-size bucket."""
 
     def __init__(
-        self, model: CausalLM, cache: PagedKVCache, max_batch_size: int, registry: AdapterRegistry | None = None
+        self,
+        model: CausalLM,
+        cache: PagedKVCache,
+        max_batch_size: int,
+        registry: AdapterRegistry | None = None,
+        autotune: bool = False,
     ) -> None:
         self.graph = DecodeGraph(model, rotary_positions=MAX_TABLE_BLOCKS * cache.block_size)
         # On a CPU the graph's wrapper (the code calling its kernels and matmuls) is generated C++, not Python:
         # measured 7% less per decode step of the student at batch 1, at no cost in compile time. Not for
         # batches with adapters: a C++ wrapper takes each dynamic size (the LoRA stacks' slots and ranks) as a
         # tensor made per call, ~50 of them (+0.27 ms per student step at batch 32), where Python passes ints.
-        options = {"cpp_wrapper": True} if model.device.type == "cpu" else {}
-        self.compiled = torch.compile(self.graph, dynamic=False, fullgraph=True, options=options)
-        self.compiled_lora = torch.compile(self.graph, dynamic=False, fullgraph=True)
+        on_cpu = model.device.type == "cpu"
+        self.autotune = autotune and on_cpu
+        tuned = AUTOTUNE_OPTIONS if self.autotune else {}
+        options = {"cpp_wrapper": True} if on_cpu else {}
+        self.compiled = torch.compile(self.graph, dynamic=False, fullgraph=True, options=options | tuned)
+        self.compiled_lora = torch.compile(self.graph, dynamic=False, fullgraph=True, options=tuned or None)
         self.cache = cache
         self.registry = registry if self.graph.has_lora else None
         self.device = model.device
@@ -216,7 +233,10 @@ class CompiledDecode:
                 torch._dynamo.maybe_mark_dynamic(stack, 0)
                 torch._dynamo.maybe_mark_dynamic(stack, 1)
         # The limit is patched for this call only (a global setting may be reset by other code in the process).
-        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, accumulated_recompile_limit=RECOMPILE_LIMIT):
+        limits = torch._dynamo.config.patch(
+            recompile_limit=RECOMPILE_LIMIT, accumulated_recompile_limit=RECOMPILE_LIMIT
+        )
+        with limits, torch._inductor.config.patch(freezing=self.autotune):
             result = compiled(*args, lora)
         self.compiled_structures.add(structure)
         return result

@@ -28,6 +28,7 @@ class SchedulerConfig:
     max_tokens_per_step: int = 512  # tokens fed through the model in one step; bounds a step's latency
     max_waiting: int = 64  # queued sequences; beyond this, submissions are refused (429)
     compile_decode: bool = False  # torch.compile the decode step (worth it on a GPU; slow to warm up on CPU)
+    compile_autotune: bool = False  # CPU: autotuned C++ matrix products in those graphs (compiled at every start)
     block_size: int = 16  # tokens per KV block
     # The KV pool of each model, in tokens (rounded up to whole blocks). None: max_batch_size x max_model_len,
     # the memory a slot per sequence would take; with paging it holds many more short sequences.

@@ -65,14 +65,20 @@ class SpeculativeDecoder:
 
     @classmethod
     def build(
-        cls, draft_model, num_blocks: int, block_size: int, config: SpeculativeConfig, compile_max_batch: int = 0
+        cls,
+        draft_model,
+        num_blocks: int,
+        block_size: int,
+        config: SpeculativeConfig,
+        compile_max_batch: int = 0,
+        autotune: bool = False,
     ) -> SpeculativeDecoder:
         """compile_max_batch > 0: the draft's forwards (one token, or a short catch-up chunk, per sequence) run
         through its own compiled decode graph, buckets up to that many tokens."""
         cache = PagedKVCache(draft_model.config, num_blocks, block_size, draft_model.dtype, draft_model.device)
         compiled = None
         if compile_max_batch > 0 and CompiledDecode.supports(draft_model):
-            compiled = CompiledDecode(draft_model, cache, compile_max_batch)
+            compiled = CompiledDecode(draft_model, cache, compile_max_batch, autotune=autotune)
         runner = ModelRunner(draft_model, cache, compiled_decode=compiled)
         return cls(runner, config, blocks=BlockManager(num_blocks, block_size, False))
 

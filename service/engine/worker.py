@@ -66,7 +66,9 @@ class ModelWorker:
         activate = served.registry.activate if served.registry is not None else None
         compiled = None
         if config.compile_decode and CompiledDecode.supports(model):
-            compiled = CompiledDecode(model, self.cache, config.max_batch_size, served.registry)
+            compiled = CompiledDecode(
+                model, self.cache, config.max_batch_size, served.registry, autotune=config.compile_autotune
+            )
         elif config.compile_decode:
             log.warning("%s: compiled decode needs float weights (int8 models run eager)", served.name)
         self.runner = ModelRunner(model, self.cache, activate, compiled)
@@ -94,6 +96,7 @@ class ModelWorker:
                 config.block_size,
                 spec_config,
                 compile_max_batch=config.max_batch_size if config.compile_decode else 0,
+                autotune=config.compile_autotune,
             )
         self.scheduler = Scheduler(config, self.blocks, served.max_model_len, self._lookahead, self._on_preempt)
         self._prefix_queries = self._prefix_hits = self._preemptions = 0

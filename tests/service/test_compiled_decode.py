@@ -10,7 +10,9 @@ Every equality test of the compiled path lives here, so CI pays its compile time
 - speculative decoding with compiled decode (verification chunks and the draft's steps in the graphs,
   one decode row per token) gives the target's own greedy tokens, with a perfect, a random and an
   n-gram draft;
-- int8 models are not compiled (they serve eager).
+- int8 models are not compiled (they serve eager);
+- autotuned graphs (weights frozen and packed for Inductor's C++ GEMM template) give the eager logits and
+  are never shared between models of one architecture, nor with plain graphs.
 """
 
 from __future__ import annotations
@@ -118,6 +120,27 @@ def test_int8_models_are_not_compiled(tmp_path):
     save_hf_model("llama", tmp_path / "m")
     assert CompiledDecode.supports(load_model(tmp_path / "m"))
     assert not CompiledDecode.supports(load_model(tmp_path / "m", quantization="int8"))
+
+
+@torch.inference_mode()
+def test_autotuned_graphs_equal_the_eager_forward_and_are_never_shared(tmp_path):
+    """Autotuned graphs hold their model's weights as constants (frozen, packed for Inductor's C++ GEMM
+    template), so Dynamo must never hand one model's graph to another of the same shapes, nor mix plain and
+    tuned graphs. Four models of one architecture, different weights, plain / tuned / tuned / plain: each
+    gives its own eager logits, and the tuned ones really used the template."""
+    from torch._dynamo.utils import counters
+
+    for seed, autotune in enumerate((False, True, True, False)):
+        save_hf_model("llama", tmp_path / str(seed), seed=seed)
+        model = load_model(tmp_path / str(seed))
+        cache = PagedKVCache(model.config, num_blocks=16, block_size=16)
+        tables, next_tokens = prefill(model, cache, [9, 20], seed=3)
+        want = eager_decode(model, cache, tables, [9, 20], next_tokens)
+        templates = counters["inductor"]["cpp_templated_kernel_counter"]
+        compiled = CompiledDecode(model, cache, max_batch_size=2, autotune=autotune)
+        got, _ = compiled.run(next_tokens.tolist(), tables, [9, 20])
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        assert (counters["inductor"]["cpp_templated_kernel_counter"] > templates) == autotune
 
 
 def test_batch_buckets():
