@@ -7,8 +7,9 @@ the standard rule (Leviathan et al. 2023; Chen et al. 2023): accept d_i with pro
 min(1, p(d_i) / q(d_i)), on rejection draw from norm(max(0, p - q)), and after k acceptances draw a
 bonus token from p_{k+1}; the output then follows the target's distribution exactly.
 
-A draft whose logits are not finite proposes from a uniform distribution (the target still decides,
-so the output distribution stays exact); the target's own non-finite rows are failed by the worker.
+A draft whose logits are not finite proposes from a uniform distribution in sampled rows and its
+argmax in greedy ones (the target still decides, so the output stays exact); the target's own
+non-finite rows are failed by the worker.
 
 KV caches need no copying on rejection: a sequence's cached-token count is cut back, the stale
 entries past it are masked out and later overwritten.
@@ -106,14 +107,18 @@ class SpeculativeDecoder:
                     raise RuntimeError("the draft model's KV pool is full")  # sized so this cannot happen
             tables = [st.table.blocks for st in states]
             logits, _ = self.draft.forward(feed, tables, [st.num_computed for st in states])
-            broken = sampling.nonfinite_rows(logits)  # (B,)
+            # Greedy rows take the argmax even of a broken row (any token is a valid proposal: the target
+            # decides); sampled rows need a distribution, so a broken draft proposes uniformly.
+            greedy_tokens = logits.argmax(dim=-1).tolist()  # (B,)
+            sampled = any(not seq.request.params.greedy for seq in seqs)
+            broken = sampling.nonfinite_rows(logits).tolist() if sampled else None  # (B,)
             for i, (seq, st) in enumerate(zip(seqs, states)):
                 st.num_computed += len(feed[i])
                 params = seq.request.params
-                row = torch.zeros_like(logits[i]) if broken[i] else logits[i]  # a broken draft proposes uniformly
                 if params.greedy:
-                    token = int(row.argmax())
+                    token = greedy_tokens[i]
                 else:
+                    row = torch.zeros_like(logits[i]) if broken[i] else logits[i]
                     q = probabilities(row, params)  # (V,)
                     token = sampling.draw(q, seq.generator.generator)
                     q_rows[i].append(q)

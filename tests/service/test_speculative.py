@@ -86,6 +86,26 @@ def test_a_perfect_draft_is_always_accepted():
     assert len([s for s in stats if s.spec_draft_tokens]) == 4  # then 4 rounds of 5 tokens
 
 
+def test_a_draft_with_nan_logits_cannot_change_or_fail_the_output():
+    """Greedy rows propose the broken draft's argmax, sampled rows a uniform draw: the target still decides."""
+    tokenizer = tiny_tokenizer()
+    target, draft = tiny_model(tokenizer.vocab_size, seed=1), tiny_model(tokenizer.vocab_size, seed=2)
+    with torch.no_grad():
+        draft.lm_head.weight.fill_(float("nan"))
+    engine = spec_engine(target, draft, tokenizer)
+    prompt = tokenizer.encode("hello world")
+    greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    sampled = SamplingParams(max_tokens=12, temperature=0.8, seed=7, ignore_eos=True)
+    requests = [GenerationRequest("greedy", "t", prompt, greedy), GenerationRequest("sampled", "t", prompt, sampled)]
+    try:
+        out, stats = run(engine, requests)
+    finally:
+        engine.stop()
+    assert out["greedy"] == generate(target, [prompt], SamplingConfig(max_new_tokens=12))[0]
+    assert len(out["sampled"]) == 12
+    assert sum(s.spec_draft_tokens for s in stats) > 0
+
+
 def test_acceptance_rule_reproduces_the_target_distribution():
     """Draw d ~ q, apply the rule: the first emitted token must be distributed as p (not q)."""
     p_logits = torch.tensor([[2.0, 0.5, 0.0, -1.0, 1.0], [0.0] * 5])  # (k+1, V) with k = 1
