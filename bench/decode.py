@@ -32,6 +32,7 @@ import logging
 import re
 import statistics
 import tempfile
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -83,9 +84,10 @@ class DecodeBenchConfig:
     target_speedup: float = 2.0  # models without their own target in TARGET_SPEEDUPS
     tiny: bool = False
     seed: int = 0
+    autotune: bool = True  # a third engine with --compile-autotune (its warm-up is minutes: off in tiny mode)
 
 
-TINY = DecodeBenchConfig(max_tokens=4, warmup=0, reps=1, cost_block=1, cost_reps=1, tiny=True)
+TINY = DecodeBenchConfig(max_tokens=4, warmup=0, reps=1, cost_block=1, cost_reps=1, tiny=True, autotune=False)
 EXPERT = re.compile(r"\.experts\.(\d+)\.")
 
 
@@ -162,6 +164,7 @@ def make_row(
     eager: list[RunResult],
     hf: list[RunResult],
     costs: dict[str, float],
+    tuned: list[RunResult] | None = None,
 ) -> dict[str, Any]:
     engine_decode = statistics.median(r.decode_tokens_per_s() for r in engine)
     eager_decode = statistics.median(r.decode_tokens_per_s() for r in eager)
@@ -169,7 +172,15 @@ def make_row(
     engine_e2e, hf_e2e = median_run(engine).tokens_per_s, median_run(hf).tokens_per_s
     split = median_run(engine).split()
     params = source.describe()
-    return {
+    autotuned = {}
+    if tuned:
+        tuned_decode = statistics.median(r.decode_tokens_per_s() for r in tuned)
+        autotuned = {
+            "autotuned_decode_tok_s": tuned_decode,
+            "autotuned_speedup": tuned_decode / hf_decode,
+            "identical_tokens_autotuned": tuned[0].outputs == engine[0].outputs,
+        }
+    return autotuned | {
         "model": source.name,
         "origin": source.origin,
         "params_total_m": params["total"] / 1e6,
@@ -208,6 +219,12 @@ def notes(rows: list[dict[str, Any]], verdict: dict[str, Any]) -> list[str]:
             f"forwards timed side by side: ours {r['engine_forward_ms']:.2f} ms, transformers' "
             f"{r['hf_forward_ms']:.2f} ms, matrix-vector floor {r['floor_ms']:.2f} ms, so no engine could exceed "
             f"{r['max_speedup_at_floor']:.1f}x here"
+            + (
+                f"; with --compile-autotune {r['autotuned_speedup']:.2f}x (warm-up {r['autotune_warmup_s']:.1f} s, "
+                f"same tokens as compiled: {r['identical_tokens_autotuned']})"
+                if "autotuned_speedup" in r
+                else ""
+            )
         )
     by_model = {r["model"]: r for r in rows}
     moe, dense = by_model["moe"], by_model[DENSE_EQUIVALENT]
@@ -231,19 +248,25 @@ def plot(fig: Figure, rows: list[dict[str, Any]]) -> None:
     speed_ax, moe_ax = fig.subplots(1, 2)
     width = 0.38
     positions = range(len(rows))
-    for offset, side, label in ((-width / 2, "engine", "engine"), (width / 2, "hf", "transformers generate")):
-        speed_ax.bar([p + offset for p in positions], [r[f"{side}_decode_tok_s"] for r in rows], width, label=label)
+    sides = [("engine", "engine (compiled)"), ("hf", "transformers generate")]
+    if all("autotuned_decode_tok_s" in r for r in rows):
+        sides.insert(1, ("autotuned", "engine, --compile-autotune"))
+    bar = 2 * width / len(sides)
+    for i, (side, label) in enumerate(sides):
+        offset = -width + bar * (i + 0.5)
+        speed_ax.bar([p + offset for p in positions], [r[f"{side}_decode_tok_s"] for r in rows], bar, label=label)
     for p, r in zip(positions, rows):
         speed_ax.annotate(
-            f"{r['decode_speedup']:.2f}x",
-            (p, max(r["engine_decode_tok_s"], r["hf_decode_tok_s"])),
+            f"{r['decode_speedup']:.2f}x" + (f"\n{r['autotuned_speedup']:.2f}x" if len(sides) == 3 else ""),
+            (p, max(r[f"{side}_decode_tok_s"] for side, _ in sides)),
             ha="center",
             va="bottom",
+            fontsize=8,
         )
     speed_ax.set_xticks(list(positions), [r["model"].replace("_", "\n") for r in rows], fontsize=8)
     speed_ax.set_ylabel("batch-1 decode tokens / s (median)")
-    speed_ax.set_title("engine vs transformers generate (x = speed-up)")
-    speed_ax.set_ylim(0, 1.3 * max(max(r["engine_decode_tok_s"], r["hf_decode_tok_s"]) for r in rows))
+    speed_ax.set_title("engine vs transformers generate (x = speed-ups, in bar order)")
+    speed_ax.set_ylim(0, 1.3 * max(r[f"{side}_decode_tok_s"] for r in rows for side, _ in sides))
     speed_ax.legend(loc="upper right")
     pair = [r for r in rows if r["model"] in ("moe", DENSE_EQUIVALENT)]
     for offset, side, label in ((-width / 2, "engine", "engine"), (width / 2, "hf", "transformers generate")):
@@ -271,15 +294,25 @@ def run(tiny: bool, out_dir: Path) -> dict[str, Path]:
             [served(m, max_len) for m in models], bench_scheduler(compile_decode=True, max_batch_size=1)
         )
         eager = EngineHarness([served(m, max_len) for m in models], bench_scheduler(max_batch_size=1))
+        tuned_scheduler = bench_scheduler(compile_decode=True, compile_autotune=True, max_batch_size=1)
+        tuned = EngineHarness([served(m, max_len) for m in models], tuned_scheduler) if config.autotune else None
         peers = {m.name: load_hf(m.directory) for m in models}
         fns = {}
         for m in models:
             prompt = random_prompts(1, m.config.vocab_size, (config.prompt_len,) * 2, config.seed)
             fns[f"engine {m.name}"] = lambda m=m, p=prompt: harness.run(m.name, p, [None], config.max_tokens)
             fns[f"eager {m.name}"] = lambda m=m, p=prompt: eager.run(m.name, p, [None], config.max_tokens)
+            if tuned is not None:
+                fns[f"tuned {m.name}"] = lambda m=m, p=prompt: tuned.run(m.name, p, [None], config.max_tokens)
             fns[f"hf {m.name}"] = lambda m=m, p=prompt: hf_sequential(peers[m.name], p, [None], config.max_tokens)
-        with harness.running(), eager.running(), tqdm(total=2, desc=NAME, unit="block") as progress:
+        with (
+            harness.running(),
+            eager.running(),
+            tuned.running() if tuned else nullcontext(),
+            tqdm(total=2, desc=NAME, unit="block") as progress,
+        ):
             warm_up = {name: worker.compile_seconds for name, worker in harness.engine.workers.items()}
+            tuned_warm_up = {name: w.compile_seconds for name, w in tuned.engine.workers.items()} if tuned else {}
             runs = interleaved(fns, config.warmup, config.reps)
             progress.update()
             costs = {
@@ -288,8 +321,16 @@ def run(tiny: bool, out_dir: Path) -> dict[str, Path]:
             }
             progress.update()
     rows = [
-        make_row(m, runs[f"engine {m.name}"], runs[f"eager {m.name}"], runs[f"hf {m.name}"], costs[m.name])
+        make_row(
+            m,
+            runs[f"engine {m.name}"],
+            runs[f"eager {m.name}"],
+            runs[f"hf {m.name}"],
+            costs[m.name],
+            runs.get(f"tuned {m.name}"),
+        )
         | {"compile_warmup_s": warm_up[m.name]}
+        | ({"autotune_warmup_s": tuned_warm_up[m.name]} if tuned else {})
         for m in models
     ]
     by_model = {r["model"]: r for r in rows}
@@ -299,6 +340,11 @@ def run(tiny: bool, out_dir: Path) -> dict[str, Path]:
         "decode_speedup": {r["model"]: r["decode_speedup"] for r in rows},
         "met": {
             r["model"]: r["decode_speedup"] >= TARGET_SPEEDUPS.get(r["model"], config.target_speedup) for r in rows
+        },
+        "met_autotuned": {
+            r["model"]: r["autotuned_speedup"] >= TARGET_SPEEDUPS.get(r["model"], config.target_speedup)
+            for r in rows
+            if "autotuned_speedup" in r
         },
         "moe_vs_dense_decode_ratio_engine": moe["engine_decode_tok_s"] / dense["engine_decode_tok_s"],
         "moe_vs_dense_decode_ratio_hf": moe["hf_decode_tok_s"] / dense["hf_decode_tok_s"],
@@ -312,7 +358,8 @@ def run(tiny: bool, out_dir: Path) -> dict[str, Path]:
         "columns": "decode_tok_s = (tokens - 1) / (last - first token time), median over rounds; e2e_tok_s = tokens / "
         "median wall s from submission (engine) or the generate call (transformers) to the last token; "
         "identical_tokens: engine and transformers greedy ids equal on the first round (identical_tokens_eager: "
-        "compiled and eager engine); eager_*: the engine with compile_decode off; engine_step_ms, "
+        "compiled and eager engine); eager_*: the engine with compile_decode off; autotuned_*: with compile_autotune "
+        "too (Inductor's C++ GEMM template where its autotuning measured it faster than MKL); engine_step_ms, "
         "engine_runner_ms: mean decode step and ModelRunner.run (inputs, metadata, forward) of the median engine "
         "run; engine_forward_ms, hf_forward_ms, floor_ms: one decode token's bare model forward on each side and "
         "the matrix-vector floor, timed interleaved with each other after the runs (compare them with each "

@@ -3,7 +3,7 @@ the distilled student, and the DistillSpec draft (`artifacts/draft`: the student
 on the teacher's own outputs by `training.draft_stage`); and prompt-lookup (n-gram) speculation on a
 code-editing workload, vs the teacher alone on it. The draft rows run eager on both sides, then the
 DistillSpec draft again with the engine's compiled decode on both sides (verification and draft steps
-in the compiled graphs).
+in the compiled graphs), and once more with `--compile-autotune` on both sides.
 
 Batch 1, greedy, same prompts and weights, through the engine (continuous batching off: one request
 at a time). Checks the tokens are identical, then reports decode throughput, the speed-up and the
@@ -77,12 +77,19 @@ class SpecBenchConfig:
     draft_lengths: tuple[int, ...] = (2, 3, 4, 6)  # k with the DistillSpec draft
     ngram_lengths: tuple[int, ...] = (2, 4, 8)
     compiled_lengths: tuple[int, ...] = (2, 3)  # k with the DistillSpec draft, both sides compiled
+    autotuned_lengths: tuple[int, ...] = (3,)  # the same with --compile-autotune on both sides
     max_tokens: int = 64
     reps: int = 5
 
 
 TINY = SpecBenchConfig(
-    student_lengths=(2,), draft_lengths=(2,), ngram_lengths=(4,), compiled_lengths=(), max_tokens=6, reps=1
+    student_lengths=(2,),
+    draft_lengths=(2,),
+    ngram_lengths=(4,),
+    compiled_lengths=(),
+    autotuned_lengths=(),
+    max_tokens=6,
+    reps=1,
 )
 TARGET_DRAFT = 1.2  # issue 14: a draft model >= 1.2x the teacher alone, same tokens
 TARGET_NGRAM = 1.5  # n-gram speculation on code editing >= 1.5x
@@ -137,11 +144,14 @@ def make_engine(
     k: int,
     ngram: bool = False,
     compiled: bool = False,
+    autotune: bool = False,
 ) -> tuple[Engine, list]:
     """The teacher alone, with a draft model, or with n-gram speculation; compiled: the engine's compiled decode
-    (verification and the draft's steps run in the compiled graphs too)."""
+    (verification and the draft's steps run in the compiled graphs too), autotuned with `autotune`."""
     stats: list = []
-    scheduler = bench_scheduler(compile_decode=compiled, max_batch_size=8 if compiled else 32)
+    scheduler = bench_scheduler(
+        compile_decode=compiled, compile_autotune=autotune, max_batch_size=8 if compiled else 32
+    )
     engine = Engine(EngineConfig(scheduler), on_step=stats.append)
     spec = SpeculativeConfig(num_draft_tokens=k) if draft is not None else None
     if ngram:
@@ -216,12 +226,20 @@ def run(tiny: bool, out_dir: Path) -> dict[str, Path]:
     for k in config.compiled_lengths:
         engine = make_engine(teacher, tokenizer, drafts["draft"], k, compiled=True)
         compiled_engines[f"DistillSpec draft k={k} (compiled)"] = engine
+    tuned_engines = {}
+    if config.autotuned_lengths:
+        tuned_engines["teacher (autotuned)"] = make_engine(teacher, tokenizer, None, 0, compiled=True, autotune=True)
+    for k in config.autotuned_lengths:
+        engine = make_engine(teacher, tokenizer, drafts["draft"], k, compiled=True, autotune=True)
+        tuned_engines[f"DistillSpec draft k={k} (autotuned)"] = engine
     try:
         draft_rows = measure(draft_engines, prompts, config, "teacher")
         ngram_rows = measure(ngram_engines, edits, config, "teacher (code editing)")
         compiled_rows = measure(compiled_engines, prompts, config, "teacher (compiled)") if compiled_engines else []
+        tuned_rows = measure(tuned_engines, prompts, config, "teacher (autotuned)") if tuned_engines else []
     finally:
-        for engine, _ in [*draft_engines.values(), *ngram_engines.values(), *compiled_engines.values()]:
+        every = [*draft_engines.values(), *ngram_engines.values(), *compiled_engines.values(), *tuned_engines.values()]
+        for engine, _ in every:
             engine.stop()
     student_rows = [r for r in draft_rows if r["variant"].startswith("student")]
     distilled_rows = [r for r in draft_rows if r["variant"].startswith("DistillSpec")]
@@ -229,17 +247,18 @@ def run(tiny: bool, out_dir: Path) -> dict[str, Path]:
     _, draft_verdict = verdict([draft_rows[0], *distilled_rows], TARGET_DRAFT)
     _, ngram_verdict = verdict(ngram_rows, TARGET_NGRAM)
     compiled_verdict = verdict(compiled_rows, TARGET_DRAFT)[1] if compiled_rows else "not measured"
+    tuned_verdict = verdict(tuned_rows, TARGET_DRAFT)[1] if tuned_rows else "not measured"
     meta = {
         "config": asdict(config),
         "models": "random tiny pair" if tiny else "artifacts/teacher; drafts artifacts/student and artifacts/draft",
         "teacher_params": teacher.config.num_parameters()["total"],
         "draft_params": {name: m.config.num_parameters()["total"] for name, m in drafts.items()},
         "target": f"draft model >= {TARGET_DRAFT}x the teacher alone with identical tokens: student {student_verdict}; "
-        f"DistillSpec draft {draft_verdict}; both compiled: {compiled_verdict}; "
+        f"DistillSpec draft {draft_verdict}; both compiled: {compiled_verdict}; both autotuned: {tuned_verdict}; "
         f"n-gram on code editing >= {TARGET_NGRAM}x: {ngram_verdict}",
         "edited_functions": EDITED_FUNCTIONS,
     }
-    return write_report(NAME, draft_rows + ngram_rows + compiled_rows, out_dir, plot, meta)
+    return write_report(NAME, draft_rows + ngram_rows + compiled_rows + tuned_rows, out_dir, plot, meta)
 
 
 def plot(fig: Figure, rows: list[dict[str, Any]]) -> None:
