@@ -290,6 +290,38 @@ class DecodeGraph(nn.Module):
         return torch.einsum("ebh,be->bh", out, combine), counts
 
 
+class GreedyChain(nn.Module):
+    """`steps` greedy decode steps of a `DecodeGraph` as one graph (a draft model's proposals): each step's
+    argmax is the next step's token, and its KV slot comes from the block table by index arithmetic."""
+
+    def __init__(self, graph: DecodeGraph, steps: int) -> None:
+        super().__init__()
+        self.graph = graph
+        self.steps = steps
+
+    def forward(
+        self,
+        tokens: Tensor,
+        positions: Tensor,
+        block_tables: Tensor,
+        row_valid: Tensor,
+        k_cache: list[Tensor],
+        v_cache: list[Tensor],
+    ) -> Tensor:
+        """tokens, positions (B,) long: each row's first token to feed and its position; block_tables
+        (B, NB) must cover positions + steps - 1. Returns the proposed tokens (B, steps)."""
+        block_size = k_cache[0].shape[1]
+        proposed = []
+        for _ in range(self.steps):
+            blocks = block_tables.gather(1, (positions // block_size)[:, None])[:, 0]  # (B,)
+            slots = blocks * block_size + positions % block_size  # (B,)
+            logits, _ = self.graph(tokens, positions, block_tables, slots, row_valid, k_cache, v_cache)
+            tokens = logits.argmax(dim=-1)  # (B,)
+            proposed.append(tokens)
+            positions = positions + 1
+        return torch.stack(proposed, dim=1)
+
+
 def _no_delta(x: Tensor) -> None:
     return None
 

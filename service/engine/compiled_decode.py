@@ -28,7 +28,7 @@ import torch._inductor.config
 from torch import Tensor
 
 from adapters.registry import AdapterRegistry
-from models.decode_graph import DecodeGraph, LoRABatch
+from models.decode_graph import DecodeGraph, GreedyChain, LoRABatch
 from models.decoder import CausalLM
 from models.kv_cache import PagedKVCache
 
@@ -75,7 +75,10 @@ class CompiledDecode:
         max_batch_size: int,
         registry: AdapterRegistry | None = None,
         autotune: bool = False,
+        chain_steps: int = 0,
     ) -> None:
+        """chain_steps > 0 (a draft model's graphs): also compile that many greedy steps as one graph
+        (`run_greedy_chain`), so a round of k proposals is a catch-up call plus one chained call."""
         self.graph = DecodeGraph(model, rotary_positions=MAX_TABLE_BLOCKS * cache.block_size)
         # On a CPU the graph's wrapper (the code calling its kernels and matmuls) is generated C++, not Python:
         # measured 7% less per decode step of the student at batch 1, at no cost in compile time. Not for
@@ -87,6 +90,10 @@ class CompiledDecode:
         options = {"cpp_wrapper": True} if on_cpu else {}
         self.compiled = torch.compile(self.graph, dynamic=False, fullgraph=True, options=options | tuned)
         self.compiled_lora = torch.compile(self.graph, dynamic=False, fullgraph=True, options=tuned or None)
+        self.chain = None
+        if chain_steps > 0:
+            chain = GreedyChain(self.graph, chain_steps)
+            self.chain = torch.compile(chain, dynamic=False, fullgraph=True, options=options | tuned)
         self.cache = cache
         self.registry = registry if self.graph.has_lora else None
         self.device = model.device
@@ -158,6 +165,8 @@ class CompiledDecode:
             for variant in variants:
                 rows = [None] * size if variant is None else ["\0warm-up"] * size  # not resident: slot -1
                 self._call([0] * size, [[]] * size, [0] * size, rows, real=size, valid=0)
+            if self.chain is not None:
+                self._chain_call([0] * size, [[]] * size, [0] * size, real=0)
             both = ", with and without adapters" if len(variants) > 1 else ""
             elapsed = time.perf_counter() - started
             progress(f"compiled decode: bucket {i + 1}/{len(self.buckets)} (batch {size}{both}) after {elapsed:.1f} s")
@@ -180,6 +189,38 @@ class CompiledDecode:
             tokens + [0] * pad, block_tables + [[]] * pad, context_lens + [0] * pad, rows, real=len(tokens)
         )
         return logits[: len(tokens)], counts
+
+    def accepts_chain(self, block_tables: list[list[int]]) -> bool:
+        return self.chain is not None and self.accepts([[0]] * len(block_tables), block_tables, None)
+
+    @torch.inference_mode()
+    def run_greedy_chain(
+        self, tokens: list[int], block_tables: list[list[int]], context_lens: list[int]
+    ) -> list[list[int]]:
+        """Feed each row's token at its context length, then its own argmax, chain_steps times in one graph
+        call; the tables must hold blocks up to context + chain_steps. Returns each row's proposed tokens."""
+        size = self.bucket(len(tokens))
+        pad = size - len(tokens)
+        proposed = self._chain_call(
+            tokens + [0] * pad, block_tables + [[]] * pad, context_lens + [0] * pad, real=len(tokens)
+        )
+        return proposed[: len(tokens)].tolist()
+
+    def _chain_call(
+        self, tokens: list[int], block_tables: list[list[int]], context_lens: list[int], real: int
+    ) -> Tensor:
+        device, scratch = self.device, self.cache.scratch_block
+        width = max(MIN_TABLE_BLOCKS, max(len(t) for t in block_tables))
+        table = torch.tensor([t + [scratch] * (width - len(t)) for t in block_tables], device=device)  # (B, NB)
+        args = (
+            torch.tensor(tokens, device=device),
+            torch.tensor(context_lens, device=device),
+            table,
+            torch.tensor([float(r < real) for r in range(len(tokens))], device=device),
+            self.cache.k,
+            self.cache.v,
+        )
+        return self._guarded(("chain", len(tokens)), self.chain, args, table)  # (B, chain_steps)
 
     def _call(
         self,
@@ -212,19 +253,18 @@ class CompiledDecode:
             cache.v,
         )
         if self.registry is None or not any(adapters):
-            return self._guarded((size, None), args, None, table_tensor)
+            return self._guarded((size, None), self.compiled, (*args, None), table_tensor)
         with self.registry.lock:  # the stacks are not written (adapter loads) during the forward
             a, b = self.graph.lora_stacks()
             lora = LoRABatch(a, b, torch.tensor(self.registry.slots_for(adapters), device=device))
             present = tuple(stack is not None for stack in a)
-            return self._guarded((size, present), args, lora, table_tensor)
+            return self._guarded((size, present), self.compiled_lora, (*args, lora), table_tensor, lora)
 
-    def _guarded(self, structure: tuple, args: tuple, lora: LoRABatch | None, table: Tensor):
-        """Call the compiled graph; guards are skipped once this structure has been compiled."""
-        compiled = self.compiled if lora is None else self.compiled_lora
+    def _guarded(self, structure: tuple, compiled: Callable, args: tuple, table: Tensor, lora: LoRABatch | None = None):
+        """Call a compiled graph; guards are skipped once this structure has been compiled."""
         if structure in self.compiled_structures:
             with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-                return compiled(*args, lora)
+                return compiled(*args)
         if self.warm:
             log.info("compiled decode: compiling a new structure %s while serving", structure)
         torch._dynamo.mark_dynamic(table, 1, min=MIN_TABLE_BLOCKS, max=MAX_TABLE_BLOCKS)
@@ -237,6 +277,6 @@ class CompiledDecode:
             recompile_limit=RECOMPILE_LIMIT, accumulated_recompile_limit=RECOMPILE_LIMIT
         )
         with limits, torch._inductor.config.patch(freezing=self.autotune):
-            result = compiled(*args, lora)
+            result = compiled(*args)
         self.compiled_structures.add(structure)
         return result

@@ -79,7 +79,10 @@ class SpeculativeDecoder:
         cache = PagedKVCache(draft_model.config, num_blocks, block_size, draft_model.dtype, draft_model.device)
         compiled = None
         if compile_max_batch > 0 and CompiledDecode.supports(draft_model):
-            compiled = CompiledDecode(draft_model, cache, compile_max_batch, autotune=autotune)
+            # The draft's greedy steps after the first (which catches up on the round's accepted tokens) run
+            # chained in one graph call.
+            steps = config.num_draft_tokens - 1
+            compiled = CompiledDecode(draft_model, cache, compile_max_batch, autotune=autotune, chain_steps=steps)
         runner = ModelRunner(draft_model, cache, compiled_decode=compiled)
         return cls(runner, config, blocks=BlockManager(num_blocks, block_size, False))
 
@@ -101,7 +104,10 @@ class SpeculativeDecoder:
         feed = [h[st.num_computed :] for h, st in zip(history, states)]  # catch-up: >= 1 token each
         drafts: list[list[int]] = [[] for _ in seqs]
         q_rows: list[list[Tensor]] = [[] for _ in seqs]
-        for _ in range(k):
+        for step in range(k):
+            if step == 1 and self._chains(seqs, states, k - 1):
+                self._propose_chained(states, drafts, k - 1)
+                break
             for st, tokens in zip(states, feed):
                 if not self.blocks.grow(st.table, st.num_computed + len(tokens)):
                     raise RuntimeError("the draft model's KV pool is full")  # sized so this cannot happen
@@ -126,6 +132,26 @@ class SpeculativeDecoder:
             feed = [[d[-1]] for d in drafts]
         q_out = [torch.stack(q) if q else None for q in q_rows]
         return drafts, q_out
+
+    def _chains(self, seqs: list[Sequence], states: list[DraftState], steps: int) -> bool:
+        """All rows greedy and the draft's compiled chain takes them (their blocks grown for its steps)."""
+        compiled = self.draft.compiled_decode
+        if compiled is None or not all(seq.request.params.greedy for seq in seqs):
+            return False
+        for st in states:
+            if not self.blocks.grow(st.table, st.num_computed + steps):
+                raise RuntimeError("the draft model's KV pool is full")  # sized so this cannot happen
+        return compiled.accepts_chain([st.table.blocks for st in states])
+
+    def _propose_chained(self, states: list[DraftState], drafts: list[list[int]], steps: int) -> None:
+        """The remaining greedy proposals in one chained graph call, from each row's first draft."""
+        tables = [st.table.blocks for st in states]
+        chained = self.draft.compiled_decode.run_greedy_chain(
+            [d[-1] for d in drafts], tables, [st.num_computed for st in states]
+        )
+        for st, row, proposed in zip(states, drafts, chained):
+            row.extend(proposed)
+            st.num_computed += steps
 
     def accept(self, seq: Sequence, drafts: list[int], target_logits: Tensor, q: Tensor | None) -> RoundResult:
         """target_logits (k+1, V) at [last token, d1..dk]; returns the tokens to append."""

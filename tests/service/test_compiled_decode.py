@@ -228,7 +228,8 @@ def test_moe_engine_with_compiled_decode_equals_transformers(tmp_path):
 def test_speculative_engine_with_compiled_decode_equals_the_target_alone(draft_kind):
     """A perfect draft (the target itself) is always accepted, so the draft catches up on two tokens per round;
     a random one is mostly rejected; n-gram drafts come from the prompt. Every verification chunk (k + 1 tokens)
-    runs in the target's graph as k + 1 decode rows."""
+    runs in the target's graph as k + 1 decode rows; a draft model's last k - 1 greedy steps run as one chained
+    graph call."""
     from models import SamplingConfig, generate
     from service.engine import GenerationRequest, SamplingParams
     from tests.service.engine_fixtures import tiny_model, tiny_tokenizer
@@ -245,6 +246,13 @@ def test_speculative_engine_with_compiled_decode_equals_the_target_alone(draft_k
         chunks = []
         run_chunks = compiled.run_chunks
         compiled.run_chunks = lambda tokens, *rest: chunks.append(max(map(len, tokens))) or run_chunks(tokens, *rest)
+        chained = []  # rows of each chained call of the draft's k - 1 greedy steps
+        if draft is not None:
+            draft_graphs = engine.workers["t"].speculative.draft.compiled_decode
+            run_chain = draft_graphs.run_greedy_chain
+            draft_graphs.run_greedy_chain = lambda tokens, *rest: (
+                chained.append(len(tokens)) or run_chain(tokens, *rest)
+            )
         # Two at once: 2 x (k + 1) = 8 verification tokens, within the graph's chunk limit.
         prompts = [tokenizer.encode(t) for t in ["hello world hello world", "the lazy dog"]]
         params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
@@ -256,6 +264,7 @@ def test_speculative_engine_with_compiled_decode_equals_the_target_alone(draft_k
         assert out[r.request_id] == generate(target, [r.prompt_ids], SamplingConfig(max_new_tokens=16))[0]
     assert sum(s.spec_draft_tokens for s in stats) > 0
     assert max(chunks) >= 2, "no verification chunk ran compiled"
+    assert (draft is None) or max(chained) == 2, "the draft's greedy steps did not run chained for both rows"
     if draft_kind == "perfect":
         assert sum(s.spec_accepted_tokens for s in stats) == sum(s.spec_draft_tokens for s in stats)
         assert engine.workers["t"].speculative.draft.compiled_decode.warm
