@@ -76,8 +76,8 @@ class SpecBenchConfig:
     student_lengths: tuple[int, ...] = (2, 4)  # k with the student as draft
     draft_lengths: tuple[int, ...] = (2, 3, 4, 6)  # k with the DistillSpec draft
     ngram_lengths: tuple[int, ...] = (2, 4, 8)
-    compiled_lengths: tuple[int, ...] = (2, 3)  # k with the DistillSpec draft, both sides compiled
-    autotuned_lengths: tuple[int, ...] = (3,)  # the same with --compile-autotune on both sides
+    compiled_lengths: tuple[int, ...] = (3, 6)  # k with the DistillSpec draft, both sides compiled
+    autotuned_lengths: tuple[int, ...] = (3, 6)  # the same with --compile-autotune on both sides
     max_tokens: int = 64
     reps: int = 5
 
