@@ -5,6 +5,7 @@ itself), so each bucket is one static graph; the number of KV blocks a step read
 the LoRA stacks (adapter slots, rank), are dynamic dimensions of that graph, so one graph per bucket
 serves every context length and every set of resident adapters. A model served with adapters gets a
 second graph per bucket for batches that hold adapter rows (base-only batches skip the LoRA work).
+A draft model's graphs add its greedy steps chained as one graph per bucket (`run_greedy_chain`).
 `warm_up` compiles every bucket before the server reports ready, logging its progress; Inductor's
 on-disk caches (FX graph and AOT caches, under `Settings.compile_cache_dir`) make a restart reuse
 the compiled code.
@@ -157,7 +158,7 @@ class CompiledDecode:
     @torch.inference_mode()
     def warm_up(self, progress: Callable[[str], None] = log.info) -> float:
         """Compile every bucket (steps of padding rows only: they write the scratch block), with and without
-        the resident adapters' stacks when the model serves adapters. Returns seconds."""
+        the resident adapters' stacks when the model serves adapters, and a draft's greedy chain. Returns seconds."""
         started = time.perf_counter()
         has_stacks = any(stack is not None for stack in self.graph.lora_stacks()[0])
         variants = [None] + (["lora"] if self.registry is not None and has_stacks else [])
