@@ -210,9 +210,8 @@ class CompiledDecode:
     def _chain_call(
         self, tokens: list[int], block_tables: list[list[int]], context_lens: list[int], real: int
     ) -> Tensor:
-        device, scratch = self.device, self.cache.scratch_block
-        width = max(MIN_TABLE_BLOCKS, max(len(t) for t in block_tables))
-        table = torch.tensor([t + [scratch] * (width - len(t)) for t in block_tables], device=device)  # (B, NB)
+        device = self.device
+        table = torch.tensor(self._padded_tables(block_tables), device=device)  # (B, NB)
         args = (
             torch.tensor(tokens, device=device),
             torch.tensor(context_lens, device=device),
@@ -234,8 +233,7 @@ class CompiledDecode:
     ) -> tuple[Tensor, Tensor | None]:
         cache = self.cache
         size, scratch, block_size = len(tokens), cache.scratch_block, cache.block_size
-        width = max(MIN_TABLE_BLOCKS, max(len(t) for t in block_tables))
-        tables = [t + [scratch] * (width - len(t)) for t in block_tables]  # padding rows: all scratch
+        tables = self._padded_tables(block_tables)
         slots = [
             tables[r][context_lens[r] // block_size] * block_size + context_lens[r] % block_size
             if r < real
@@ -260,6 +258,11 @@ class CompiledDecode:
             lora = LoRABatch(a, b, torch.tensor(self.registry.slots_for(adapters), device=device))
             present = tuple(stack is not None for stack in a)
             return self._guarded((size, present), self.compiled_lora, (*args, lora), table_tensor, lora)
+
+    def _padded_tables(self, block_tables: list[list[int]]) -> list[list[int]]:
+        """Every row's table padded with the scratch block to one width (padding rows: all scratch)."""
+        width = max(MIN_TABLE_BLOCKS, max(len(t) for t in block_tables))
+        return [t + [self.cache.scratch_block] * (width - len(t)) for t in block_tables]
 
     def _guarded(self, structure: tuple, compiled: Callable, args: tuple, table: Tensor, lora: LoRABatch | None = None):
         """Call a compiled graph; guards are skipped once this structure has been compiled."""

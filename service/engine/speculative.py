@@ -104,19 +104,17 @@ class SpeculativeDecoder:
         feed = [h[st.num_computed :] for h, st in zip(history, states)]  # catch-up: >= 1 token each
         drafts: list[list[int]] = [[] for _ in seqs]
         q_rows: list[list[Tensor]] = [[] for _ in seqs]
+        sampled = any(not seq.request.params.greedy for seq in seqs)
         for step in range(k):
-            if step == 1 and self._chains(seqs, states, k - 1):
+            if step == 1 and not sampled and self._chains(states, k - 1):
                 self._propose_chained(states, drafts, k - 1)
                 break
-            for st, tokens in zip(states, feed):
-                if not self.blocks.grow(st.table, st.num_computed + len(tokens)):
-                    raise RuntimeError("the draft model's KV pool is full")  # sized so this cannot happen
+            self._grow(states, [len(tokens) for tokens in feed])
             tables = [st.table.blocks for st in states]
             logits, _ = self.draft.forward(feed, tables, [st.num_computed for st in states])
             # Greedy rows take the argmax even of a broken row (any token is a valid proposal: the target
             # decides); sampled rows need a distribution, so a broken draft proposes uniformly.
             greedy_tokens = logits.argmax(dim=-1).tolist()  # (B,)
-            sampled = any(not seq.request.params.greedy for seq in seqs)
             broken = sampling.nonfinite_rows(logits).tolist() if sampled else None  # (B,)
             for i, (seq, st) in enumerate(zip(seqs, states)):
                 st.num_computed += len(feed[i])
@@ -133,14 +131,18 @@ class SpeculativeDecoder:
         q_out = [torch.stack(q) if q else None for q in q_rows]
         return drafts, q_out
 
-    def _chains(self, seqs: list[Sequence], states: list[DraftState], steps: int) -> bool:
-        """All rows greedy and the draft's compiled chain takes them (their blocks grown for its steps)."""
-        compiled = self.draft.compiled_decode
-        if compiled is None or not all(seq.request.params.greedy for seq in seqs):
-            return False
-        for st in states:
-            if not self.blocks.grow(st.table, st.num_computed + steps):
+    def _grow(self, states: list[DraftState], new_tokens: list[int]) -> None:
+        """Blocks for each row's next new_tokens in the draft's pool."""
+        for st, count in zip(states, new_tokens):
+            if not self.blocks.grow(st.table, st.num_computed + count):
                 raise RuntimeError("the draft model's KV pool is full")  # sized so this cannot happen
+
+    def _chains(self, states: list[DraftState], steps: int) -> bool:
+        """The draft's compiled chain takes these (greedy) rows, their blocks grown for its steps."""
+        compiled = self.draft.compiled_decode
+        if compiled is None:
+            return False
+        self._grow(states, [steps] * len(states))
         return compiled.accepts_chain([st.table.blocks for st in states])
 
     def _propose_chained(self, states: list[DraftState], drafts: list[list[int]], steps: int) -> None:
